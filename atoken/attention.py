@@ -1,0 +1,213 @@
+"""Variable-length attention through one entry point, with swappable backends.
+
+Rows of ``q`` (and of ``k``/``v``) are grouped into contiguous segments (batch items, or windows
+of the Gaussian decoder); a row only attends to rows of its own segment. Backends:
+
+- ``"naive"``: a readable per-segment reference in float32.
+- ``"sdpa"`` (default): ``torch.nn.functional.scaled_dot_product_attention``; one call for a
+  single segment, a padded batch with a key mask for many similar segments, a loop otherwise.
+- ``"compiled"``: the padded form under ``torch.compile(dynamic=True)``. Sequence length and
+  segment count are symbolic, so a new image size does not recompile once the two shapes of the
+  warm-up have been seen (measured in ``benchmarks/bench_core.py``).
+- ``"flash"``: flash-attn's varlen kernel (CUDA, fp16/bf16), imported only when selected.
+
+Pick a backend per call (``backend=``) or for a region with ``attention_backend("naive")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("atoken_attention", default="sdpa")
+# Upper bound on the padded score tensor (elements) per chunk of segments.
+MAX_SCORE_ELEMENTS = 1 << 26
+
+
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Use ``name`` for every attention call inside the ``with`` block."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")
+    token = _BACKEND.set(name)
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
+def current_backend() -> str:
+    """Name of the backend in effect."""
+    return _BACKEND.get()
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seqlens: Sequence[int],
+    *,
+    seqlens_k: Sequence[int] | None = None,
+    softcap: float | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """softmax(q k^T / sqrt(D) [soft-capped]) v within each segment.
+
+    Args:
+        q: ``[Nq, H, D]``; k, v: ``[Nk, H, D]``.
+        seqlens: rows of q per segment (they sum to Nq).
+        seqlens_k: rows of k/v per segment (default: ``seqlens``).
+        softcap: if set, scores become ``softcap * tanh(s / softcap)`` (the GS decoder's 30).
+    Returns:
+        ``[Nq, H, D]`` in q's dtype.
+    """
+    seqlens = [int(n) for n in seqlens]
+    seqlens_k = seqlens if seqlens_k is None else [int(n) for n in seqlens_k]
+    if len(seqlens) != len(seqlens_k):
+        raise ValueError(f"{len(seqlens)} query segments vs {len(seqlens_k)} key segments")
+    if sum(seqlens) != q.shape[0] or sum(seqlens_k) != k.shape[0]:
+        raise ValueError(
+            f"segment lengths sum to {sum(seqlens)}/{sum(seqlens_k)}, rows are {q.shape[0]}/{k.shape[0]}"
+        )
+    name = backend or _BACKEND.get()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")
+    if q.shape[0] == 0:
+        return q.clone()
+    if 0 in seqlens:  # items without queries (e.g. absent from a temporal chunk) drop out
+        keep_k = torch.repeat_interleave(
+            torch.tensor([nq > 0 for nq in seqlens], device=k.device),
+            torch.tensor(seqlens_k, device=k.device),
+        )
+        k, v = k[keep_k], v[keep_k]
+        seqlens_k = [nk for nq, nk in zip(seqlens, seqlens_k) if nq > 0]
+        seqlens = [nq for nq in seqlens if nq > 0]
+    return BACKENDS[name](q, k, v, seqlens, seqlens_k, softcap)
+
+
+def _scores_softmax_v(q: Tensor, k: Tensor, v: Tensor, softcap: float | None, mask=None) -> Tensor:
+    """Reference math on ``[..., L, D]`` tensors in float32."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1), v.float())
+
+
+def naive_attention(q, k, v, seqlens, seqlens_k, softcap) -> Tensor:
+    """Readable reference: one segment at a time, float32 arithmetic."""
+    out, i, j = [], 0, 0
+    for nq, nk in zip(seqlens, seqlens_k):
+        qs, ks, vs = (t.transpose(0, 1) for t in (q[i : i + nq], k[j : j + nk], v[j : j + nk]))
+        out.append(_scores_softmax_v(qs, ks, vs, softcap).transpose(0, 1))
+        i, j = i + nq, j + nk
+    return torch.cat(out).to(q.dtype)
+
+
+def _pad_index(seqlens: Sequence[int], device) -> tuple[Tensor, Tensor, int]:
+    """Segment id and position of every row, and the longest segment."""
+    lens = torch.tensor(seqlens, device=device)
+    seg = torch.repeat_interleave(torch.arange(len(seqlens), device=device), lens)
+    starts = torch.cumsum(lens, 0) - lens
+    pos = torch.arange(seg.shape[0], device=device) - starts[seg]
+    return seg, pos, max(seqlens)
+
+
+def _to_padded(x: Tensor, seg: Tensor, pos: Tensor, nseg: int, lmax: int) -> Tensor:
+    """Rows ``[N, H, D]`` -> ``[B, H, L, D]`` with zeros in the padding."""
+    out = x.new_zeros(nseg, lmax, *x.shape[1:])
+    out[seg, pos] = x
+    return out.transpose(1, 2)
+
+
+def _padded_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, softcap: float) -> Tensor:
+    """Attention on padded ``[B, H, L, D]`` tensors; ``key_mask [B, 1, 1, Lk]`` marks real keys."""
+    if softcap > 0:
+        return _scores_softmax_v(q, k, v, softcap, key_mask).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+
+
+def _padded_call(fn: Callable, q, k, v, seqlens, seqlens_k, softcap) -> Tensor:
+    """Pad segments into batches (chunked to bound memory), run ``fn``, unpad."""
+    sq, pq, lq = _pad_index(seqlens, q.device)
+    sk, pk, lk = _pad_index(seqlens_k, q.device)
+    per_seg = q.shape[1] * max(lq, 1) * max(lk, 1)
+    chunk = max(1, MAX_SCORE_ELEMENTS // per_seg)
+    out = torch.empty_like(q)
+    for c0 in range(0, len(seqlens), chunk):
+        c1 = min(len(seqlens), c0 + chunk)
+        rq = (sq >= c0) & (sq < c1)
+        rk = (sk >= c0) & (sk < c1)
+        n = c1 - c0
+        qp = _to_padded(q[rq], sq[rq] - c0, pq[rq], n, lq)
+        kp = _to_padded(k[rk], sk[rk] - c0, pk[rk], n, lk)
+        vp = _to_padded(v[rk], sk[rk] - c0, pk[rk], n, lk)
+        mask = torch.zeros(n, lk, dtype=torch.bool, device=q.device)
+        mask[sk[rk] - c0, pk[rk]] = True
+        o = fn(qp, kp, vp, mask[:, None, None, :], float(softcap or 0.0))  # [n, H, Lq, D]
+        out[rq] = o.transpose(1, 2)[sq[rq] - c0, pq[rq]].to(q.dtype)
+    return out
+
+
+def sdpa_attention(q, k, v, seqlens, seqlens_k, softcap) -> Tensor:
+    """PyTorch SDPA; picks one call, a padded batch, or a per-segment loop."""
+    if len(seqlens) == 1 and not softcap:
+        o = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)))
+        return o[0].transpose(0, 1)
+    padded = len(seqlens) * max(seqlens) * max(seqlens_k)
+    real = sum(a * b for a, b in zip(seqlens, seqlens_k))
+    if softcap or padded <= 1.5 * real:
+        return _padded_call(_padded_attention, q, k, v, seqlens, seqlens_k, softcap)
+    out, i, j = [], 0, 0
+    for nq, nk in zip(seqlens, seqlens_k):
+        qs, ks, vs = (t.transpose(0, 1)[None] for t in (q[i : i + nq], k[j : j + nk], v[j : j + nk]))
+        out.append(F.scaled_dot_product_attention(qs, ks, vs)[0].transpose(0, 1))
+        i, j = i + nq, j + nk
+    return torch.cat(out)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_function() -> Callable:
+    """The ``torch.compile``d padded attention (built on first use, shared by all calls)."""
+    if "padded" not in _COMPILED:
+        _COMPILED["padded"] = torch.compile(_padded_attention, dynamic=True, fullgraph=True)
+    return _COMPILED["padded"]
+
+
+def compiled_attention(q, k, v, seqlens, seqlens_k, softcap) -> Tensor:
+    """Padded attention through ``torch.compile`` with symbolic shapes."""
+    fn = compiled_function()
+    return _padded_call(fn, q, k, v, seqlens, seqlens_k, softcap)
+
+
+def flash_attention(q, k, v, seqlens, seqlens_k, softcap) -> Tensor:
+    """flash-attn 2 varlen kernel (CUDA, half precision)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise RuntimeError("attention backend 'flash' needs the flash-attn package") from e
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        raise RuntimeError("attention backend 'flash' needs CUDA tensors in float16/bfloat16")
+    lq = torch.tensor([0, *seqlens], device=q.device).cumsum(0).to(torch.int32)
+    lk = torch.tensor([0, *seqlens_k], device=q.device).cumsum(0).to(torch.int32)
+    return flash_attn_varlen_func(
+        q, k, v, lq, lk, max(seqlens), max(seqlens_k), softcap=float(softcap or 0.0)
+    )
+
+
+BACKENDS: dict[str, Callable] = {
+    "naive": naive_attention,
+    "sdpa": sdpa_attention,
+    "compiled": compiled_attention,
+    "flash": flash_attention,
+}
