@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -93,7 +94,9 @@ def gram_matrix(feats: Tensor) -> Tensor:
         raise ValueError(f"gram_matrix needs [B, C, h, w], got {tuple(feats.shape)}")
     b, c, h, w = feats.shape
     f = feats.float().reshape(b, c, h * w)
-    return torch.bmm(f, f.transpose(1, 2)) / (c * h * w)
+    # float32 even under autocast: the entries are small sums that bf16 would round away.
+    with torch.autocast(feats.device.type, enabled=False):
+        return torch.bmm(f, f.transpose(1, 2)) / (c * h * w)
 
 
 def gram_loss(feats_x: Sequence[Tensor], feats_y: Sequence[Tensor]) -> Tensor:
@@ -389,25 +392,29 @@ class ConvFeatureNet(FeatureNetwork):
         cls,
         path: str | Path,
         prefix: str = "",
+        layout: str | None = None,
         channels: Sequence[int] | None = None,
         convs_per_stage: Sequence[int] | None = None,
         input_norm: str | None = None,
     ) -> ConvFeatureNet:
         """Load from a safetensors file written by `save_safetensors` or holding VGG conv weights.
 
-        The layout comes from the arguments, else the file's metadata, else ``"small"``.
+        The layout comes from ``channels``/``convs_per_stage``, else the named ``layout``
+        (``"small"`` or ``"vgg16"``), else the file's metadata, else ``"small"``.
         Conv weights are the 4-D ``*.weight`` tensors under ``prefix``, taken in the order of the
         integers in their names, so torchvision ``features.{i}`` and LPIPS ``slice{k}.{i}`` keys
         load as well (pass the ``vgg16`` layout and ``input_norm="imagenet"`` for those).
         """
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        layout = json.loads(meta["layout"]) if "layout" in meta else {}
-        channels = channels or layout.get("channels") or _LAYOUTS["small"][0]
-        convs_per_stage = convs_per_stage or layout.get("convs_per_stage") or _LAYOUTS["small"][1]
-        input_norm = input_norm or layout.get("input_norm") or "none"
+        stored = json.loads(meta["layout"]) if "layout" in meta else {}
+        if layout is not None:
+            if layout not in _LAYOUTS:
+                raise ValueError(f"unknown layout {layout!r}; choose from {list(_LAYOUTS)}")
+            stored = {"channels": _LAYOUTS[layout][0], "convs_per_stage": _LAYOUTS[layout][1]}
+        channels = channels or stored.get("channels") or _LAYOUTS["small"][0]
+        convs_per_stage = convs_per_stage or stored.get("convs_per_stage") or _LAYOUTS["small"][1]
+        input_norm = input_norm or stored.get("input_norm") or "none"
         net = cls(channels, convs_per_stage, input_norm=input_norm)
         net.load_conv_state(load_file(str(path)), prefix)
         return net
@@ -443,6 +450,9 @@ class PooledEmbedder(nn.Module):
     """Image embedding from a `FeatureNetwork`: spatial means of every layer, concatenated.
 
     A stand-in for a CLIP image tower in the CLIP-style perceptual loss when none is available.
+    Its signal is weak: pooled ReLU features are all positive, so cosines sit close to 1
+    (``1 - cos`` is ~1e-5 for a 10% noise perturbation). Pass a real image tower (e.g. the
+    frozen teacher) as ``embed_net`` where one exists.
     """
 
     def __init__(self, net: FeatureNetwork) -> None:

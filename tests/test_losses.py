@@ -321,3 +321,28 @@ def test_atoken_objective_weights():
     assert out["total"].item() == pytest.approx(2.0) and out["kl"].item() == 0.0
     with pytest.raises(ValueError, match="scalar"):
         atoken_objective(rec, torch.ones(3), None)
+
+
+def test_gram_matrix_stays_float32_under_autocast():
+    f = torch.randn(2, 8, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g = gram_matrix(f)
+    assert g.dtype == torch.float32
+    torch.testing.assert_close(g, gram_matrix(f))
+
+
+def test_vgg16_layout_loads_lpips_style_keys():
+    # LPIPS / torchmetrics name VGG16 convs "net.slice{k}.{i}" with torchvision's feature indices.
+    conv_idx = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+    slices = [1, 1, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5]
+    ref = ConvFeatureNet.preset("vgg16", seed=5)
+    state = {}
+    for conv, k, i in zip(ref.convs, slices, conv_idx):
+        state[f"lpips_loss.net.slice{k}.{i}.weight"] = conv.weight
+        state[f"lpips_loss.net.slice{k}.{i}.bias"] = conv.bias
+    state["lpips_loss.lin0.model.1.weight"] = torch.ones(1, 64, 1, 1)  # 4-D but outside prefix
+    net = ConvFeatureNet.preset("vgg16", input_norm="imagenet", seed=9)
+    net.load_conv_state(state, prefix="lpips_loss.net.")
+    assert all(torch.equal(a.weight, b.weight) for a, b in zip(net.convs, ref.convs))
+    feats = net(torch.zeros(1, 3, 32, 32))
+    assert [f.shape[1] for f in feats] == [64, 128, 256, 512, 512]
