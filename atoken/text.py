@@ -128,6 +128,37 @@ class TextTower:
         return f"{type(self).__name__}(name={self.name!r}, dim={self.dim})"
 
 
+def _fetch_hint(source: str) -> str:
+    if Path(source).is_dir():
+        return "the folder needs config.json, the weights and the tokenizer files"
+    return (
+        f"run `huggingface-cli download {source}` on a connected machine (or copy its Hugging "
+        "Face cache folder here), or pass a local directory with the model and tokenizer files"
+    )
+
+
+def _local_folder(source: str, cache_dir: str | Path | None) -> Path:
+    """A local directory, or the cached snapshot of a Hugging Face id, found without network.
+
+    transformers' own hub lookup builds request headers even with ``local_files_only`` (and
+    huggingface_hub may then fetch an agent registry), so ids are resolved on disk here.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if source.startswith((".", "/", "~")) or path.exists() or source.count("/") != 1:
+        raise TextTowerUnavailable(f"text tower path {source!r} is not a directory")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, "config.json", cache_dir=cache_dir)
+    if not isinstance(cached, str):
+        raise TextTowerUnavailable(
+            f"SigLIP2 text tower {source!r} is not in the local Hugging Face cache: "
+            f"{_fetch_hint(source)}"
+        )
+    return Path(cached).parent
+
+
 def _siglip_text_class(model_type: str):
     from transformers import Siglip2TextModel, SiglipTextModel
 
@@ -154,33 +185,24 @@ class SigLIP2TextTower(TextTower):
         from transformers import AutoConfig, AutoTokenizer
 
         source = str(source)
-        is_dir = Path(source).is_dir()
-        if not is_dir and (source.startswith((".", "/", "~")) or Path(source).exists()):
-            raise TextTowerUnavailable(f"text tower path {source!r} is not a directory")
-        kw = {"local_files_only": True, "cache_dir": str(cache_dir) if cache_dir else None}
+        folder = _local_folder(source, cache_dir)
         try:
             with _quiet_transformers():
-                config = AutoConfig.from_pretrained(source, **kw)
+                config = AutoConfig.from_pretrained(folder, local_files_only=True)
                 model_type = getattr(config, "model_type", "")
                 if model_type not in _SIGLIP_TYPES:
                     raise ValueError(
                         f"{source!r} holds a {model_type!r} model, not SigLIP/SigLIP2 "
                         f"(expected one of {sorted(_SIGLIP_TYPES)})"
                     )
-                tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+                tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
                 model, info = _siglip_text_class(model_type).from_pretrained(
-                    source, dtype=dtype, output_loading_info=True, **kw
+                    folder, dtype=dtype, output_loading_info=True, local_files_only=True
                 )
         except OSError as e:
-            hint = (
-                "pass a local directory with the model and tokenizer files"
-                if is_dir
-                else f"run `huggingface-cli download {source}` on a connected machine (or copy "
-                "its Hugging Face cache folder here), or pass a local directory with the "
-                "model and tokenizer files"
-            )
             raise TextTowerUnavailable(
-                f"SigLIP2 text tower {source!r} is not available offline: {hint}. ({e})"
+                f"SigLIP2 text tower {source!r} is incomplete in {str(folder)!r}: "
+                f"{_fetch_hint(source)}. ({e})"
             ) from e
         if info["missing_keys"]:
             raise ValueError(
@@ -188,6 +210,9 @@ class SigLIP2TextTower(TextTower):
                 f"({len(info['missing_keys'])} missing)"
             )
         self.model = model.to(device).eval()
+        # big_vision pads at the end and pools the last position, so padding must be on the
+        # right; transformers' Siglip2Tokenizer defaults to the left.
+        tokenizer.padding_side = "right"
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.source = source
@@ -319,9 +344,62 @@ def _build_tower(name: str, device: torch.device | str, cache_dir: str | Path | 
             f"{name!r} holds a {model_type!r} model; expected SigLIP/SigLIP2 or a "
             "sentence-transformers (MiniLM) folder"
         )
-    if "/" in name and not name.startswith((".", "/", "~")):  # a Hugging Face id
+    if name.startswith((".", "/", "~")) or path.exists():
+        raise TextTowerUnavailable(f"text tower path {name!r} is not a directory")
+    if name.count("/") == 1:  # a Hugging Face id, looked up in the local cache only
         return SigLIP2TextTower(name, device=device, cache_dir=cache_dir)
     raise ValueError(
         f"unknown text tower {name!r}: use one of {list(TOWER_NAMES)}, a Hugging Face id of a "
         "SigLIP/SigLIP2 model in the local cache, or a local directory"
     )
+
+
+def make_tiny_siglip2(
+    directory: str | Path, *, width: int = 32, extra_chars: str = "", seed: int = 0
+) -> Path:
+    """Write a tiny random SigLIP2 checkpoint (text and vision) with a character-level tokenizer.
+
+    For tests and offline demos: the folder loads like a real one (``load_text_tower(dir)``).
+    The tokenizer is transformers' ``Siglip2Tokenizer`` (the class the real Gemma vocabulary
+    loads as) over ``a-z``, ``0-9``, ``extra_chars`` and the word separator, with no merges;
+    other characters map to ``<unk>``. Special ids follow Gemma: pad 0, eos 1, bos 2, unk 3.
+    """
+    from transformers import Siglip2Config, Siglip2Model
+    from transformers.models.siglip2.tokenization_siglip2 import Siglip2Tokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "\u2581": 5}
+    for c in string.ascii_lowercase + string.digits + extra_chars.lower():
+        if not c.isspace():
+            vocab.setdefault(c, len(vocab))
+    tokenizer = Siglip2Tokenizer(
+        vocab=vocab, merges=[], add_bos_token=False, add_eos_token=True, padding_side="right"
+    )
+    tokenizer.save_pretrained(directory)
+    heads = 2 if width % 2 == 0 else 1
+    text_config = {
+        "vocab_size": len(vocab),
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
+        "num_hidden_layers": 2,
+        "num_attention_heads": heads,
+        "max_position_embeddings": SIGLIP2_CONTEXT,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "bos_token_id": 2,
+    }
+    vision_config = {
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
+        "num_hidden_layers": 1,
+        "num_attention_heads": heads,
+        "num_patches": 16,
+        "patch_size": 4,
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Siglip2Model(Siglip2Config(text_config=text_config, vision_config=vision_config))
+    with _quiet_transformers():
+        model.save_pretrained(directory)
+    return directory
