@@ -207,9 +207,7 @@ def _tile_lists(proj: ProjectedGaussians, num_tiles: int, grid_x: int) -> tuple[
     return gid[order], counts
 
 
-def _composite(
-    proj: ProjectedGaussians, width: int, height: int
-) -> tuple[Tensor, Tensor, Tensor]:
+def _composite(proj: ProjectedGaussians, width: int, height: int) -> tuple[Tensor, Tensor]:
     """Blend the tile lists front to back; returns ``(rgb+depth sums [H,W,4], T [H,W])``."""
     device = proj.mean2d.device
     grid_x, grid_y = -(-width // TILE), -(-height // TILE)
