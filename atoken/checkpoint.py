@@ -8,14 +8,16 @@ checkpoint tensors are assigned in place, so nothing is allocated twice.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from atoken.config import ATokenConfig, GSDecoderConfig, resolve_config
+from atoken.config import PRESETS, ATokenConfig, GSDecoderConfig, resolve_config
 from atoken.gs_decoder import GaussianDecoder
 from atoken.model import ATokenModel
 
@@ -27,8 +29,14 @@ KEY_TABLE: list[tuple[str, str]] = [
 ]
 # Keys that official files carry but inference does not use (training-only LPIPS of the GS file).
 IGNORED_KEYS = re.compile(r"^lpips_loss\.")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 class CheckpointError(ValueError):
@@ -104,7 +112,9 @@ def load_into(module: nn.Module, state: dict[str, Tensor], *, assign: bool = Fal
             lines.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
         if wrong:
             lines.append(f"shape mismatches ({len(wrong)}): {_short(wrong)}")
-        raise CheckpointError("checkpoint does not match the model config:\n  " + "\n  ".join(lines))
+        raise CheckpointError(
+            "checkpoint does not match the model config:\n  " + "\n  ".join(lines)
+        )
     module.load_state_dict(state, strict=True, assign=assign)
 
 
@@ -133,33 +143,66 @@ def _build(cls, config, device: str | torch.device, dtype: torch.dtype, weights)
     return model.to(device=device, dtype=dtype)
 
 
+def config_from_checkpoint(path: str | Path) -> ATokenConfig | GSDecoderConfig | None:
+    """The config stored in a safetensors file's metadata (``atoken_config``), if any."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    if "atoken_config" in meta:
+        return ATokenConfig.from_dict(json.loads(meta["atoken_config"]))
+    if "gs_config" in meta:
+        return GSDecoderConfig(**json.loads(meta["gs_config"]))
+    return None
+
+
+def _config_for(weights, config):
+    if config is not None:
+        return resolve_config(config)
+    cfg = config_from_checkpoint(weights) if isinstance(weights, (str, Path)) else None
+    if cfg is None:
+        raise ValueError(
+            "no config given and the checkpoint carries none; pass a preset name "
+            f"({sorted(PRESETS)}) or an official YAML file"
+        )
+    return cfg
+
+
 def load(
     weights: str | Path | dict | None,
-    config: str | Path | ATokenConfig,
+    config: str | Path | ATokenConfig | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
 ) -> ATokenModel:
     """An :class:`ATokenModel` from weights (path, state dict, or None = random) and a config.
 
     ``config`` is a preset name (``so-c``, ``so-d``, ``so-c-s1``, ``so-c-s2``, ``tiny-c``, ...),
-    a path to an official YAML file, or an :class:`ATokenConfig`. ``device="meta"`` builds a
-    full-size model without allocating it.
+    a path to an official YAML file, an :class:`ATokenConfig`, or None to use the config stored
+    in a safetensors file's metadata. ``device="meta"`` builds a full-size model without
+    allocating it.
     """
-    cfg = resolve_config(config)
+    cfg = _config_for(weights, config)
     if not isinstance(cfg, ATokenConfig):
-        raise ValueError(f"config {config!r} describes a Gaussian decoder; use load_gaussian_decoder")
+        raise ValueError(
+            f"config {config!r} describes a Gaussian decoder; use load_gaussian_decoder"
+        )
     model = _build(ATokenModel, cfg, device, resolve_dtype(dtype), weights)
     return model.eval()
 
 
 def load_gaussian_decoder(
     weights: str | Path | dict | None,
-    config: str | Path | GSDecoderConfig = "gs",
+    config: str | Path | GSDecoderConfig | None = "gs",
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
 ) -> GaussianDecoder:
-    """The 3D Gaussian decoder from weights and a config (preset ``gs``/``tiny-gs`` or YAML)."""
-    cfg = resolve_config(config)
+    """The 3D Gaussian decoder from weights and a config (preset ``gs``/``tiny-gs``, YAML, or
+    None for the config in the file's metadata)."""
+    cfg = _config_for(weights, config)
     if not isinstance(cfg, GSDecoderConfig):
         raise ValueError(f"config {config!r} is not a Gaussian decoder config")
     return _build(GaussianDecoder, cfg, device, resolve_dtype(dtype), weights).eval()

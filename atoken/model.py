@@ -19,8 +19,11 @@ from atoken.transformer import (
     Context,
     KVCache,
     LayerNorm32,
+    PoolState,
     PositionTable2D,
     RMSNorm32,
+    pool_finish,
+    pool_update,
     rope_for,
 )
 
@@ -174,7 +177,9 @@ class ATokenModel(nn.Module):
     # -- encoder --------------------------------------------------------------------------
     def _check(self, x: SparseTensor) -> None:
         if x.coords.shape[1] != 5:
-            raise ValueError(f"tokens need coords [N, 5] (b, t, x, y, z), got {tuple(x.coords.shape)}")
+            raise ValueError(
+                f"tokens need coords [N, 5] (b, t, x, y, z), got {tuple(x.coords.shape)}"
+            )
         check_contiguous_batches(x.coords)
         if x.coords.shape[0] and (int(x.coords.min()) < 0 or int(x.coords.max()) > 4095):
             raise ValueError("coordinates must lie in [0, 4095] (the official 12-bit packing)")
@@ -200,16 +205,28 @@ class ATokenModel(nn.Module):
         assert out is not None, "no tokens to encode"
         return out
 
-    def encode(self, x: SparseTensor) -> Encoded:
-        """Tokens -> posterior (mean, logvar), pooled feature and hidden states."""
+    def encode(self, x: SparseTensor, *, pool: bool = True) -> Encoded:
+        """Tokens -> posterior (mean, logvar), pooled feature and hidden states.
+
+        ``pool=False`` skips the pooling head (``pooled`` is then empty ``[0, C]``); streaming
+        callers fold ``hidden`` into :meth:`pool_update` chunk by chunk instead.
+        """
         if len(x) == 0:
             raise ValueError("cannot encode an empty token set")
         x = x.to(self.device)
         hidden = self.encode_hidden(x)
-        pooled = self.pool(hidden, x.coords)
+        pooled = self.pool(hidden, x.coords) if pool else hidden.new_zeros(0, hidden.shape[1])
         z = self.proj(hidden).float()
         mean, logvar = z.chunk(2, dim=1)
         return Encoded(mean, logvar, pooled, hidden, x.coords)
+
+    def pool_update(self, state: PoolState | None, hidden: Tensor) -> PoolState:
+        """Fold one chunk's hidden states of a single item into a streaming pooled feature."""
+        return pool_update(self.encoder.head, state, hidden)
+
+    def pool_finish(self, state: PoolState) -> Tensor:
+        """The L2-normalised pooled feature ``[1, C]`` of a streamed item (exact)."""
+        return F.normalize(pool_finish(self.encoder.head, state, self.dtype), dim=-1, eps=1e-12)
 
     def pool(self, hidden: Tensor, coords: Tensor) -> Tensor:
         """L2-normalised attention-pooled feature per batch item ``[B, C]``."""
@@ -229,8 +246,14 @@ class ATokenModel(nn.Module):
             raise ValueError("model has no quantizer")
         return self.quantizer.dequantize(indices)
 
-    def latent_for_decoding(self, enc: Encoded, *, sample: bool = False, seed: int | None = None,
-                            temperature: float = 1.0) -> SparseTensor:
+    def latent_for_decoding(
+        self,
+        enc: Encoded,
+        *,
+        sample: bool = False,
+        seed: int | None = None,
+        temperature: float = 1.0,
+    ) -> SparseTensor:
         """What the decoder should see: FSQ codes of the mean for So/D, else mean or a sample."""
         if self.quantizer is not None:
             codes, _ = self.quantize(enc.mean)
@@ -266,7 +289,9 @@ class ATokenModel(nn.Module):
             )
         stride, k = stride_frames // self.patch_t, cache_frames // self.patch_t
         if k > stride:
-            raise ValueError(f"kv_cache ({cache_frames}) cannot exceed chunk_stride ({stride_frames})")
+            raise ValueError(
+                f"kv_cache ({cache_frames}) cannot exceed chunk_stride ({stride_frames})"
+            )
         coords, batch = latent.coords, latent.batch_size
         out, cache = None, None
         for j, start, rows in temporal_chunks(coords[:, 1], stride):
@@ -298,14 +323,20 @@ class ATokenModel(nn.Module):
 
     # -- convenience ----------------------------------------------------------------------
     def reconstruct(
-        self, x: SparseTensor, *, sample: bool = False, seed: int | None = None,
-        chunk_stride: int | None = None, kv_cache: int | None = None,
+        self,
+        x: SparseTensor,
+        *,
+        sample: bool = False,
+        seed: int | None = None,
+        chunk_stride: int | None = None,
+        kv_cache: int | None = None,
     ) -> tuple[SparseTensor, Encoded]:
         """Encode, take the posterior mean (or FSQ codes; a seeded sample if asked), decode."""
         enc = self.encode(x)
         rec = self.decode(
             self.latent_for_decoding(enc, sample=sample, seed=seed),
-            chunk_stride=chunk_stride, kv_cache=kv_cache,
+            chunk_stride=chunk_stride,
+            kv_cache=kv_cache,
         )
         return rec, enc
 

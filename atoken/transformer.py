@@ -147,8 +147,10 @@ class Block(nn.Module):
 
     def __init__(self, cfg: TrunkConfig, rope: bool = True):
         super().__init__()
-        norm = (lambda: RMSNorm32(cfg.channels)) if cfg.use_rms_norm else (
-            lambda: LayerNorm32(cfg.channels, eps=1e-6, bias=cfg.use_bias)
+        norm = (
+            (lambda: RMSNorm32(cfg.channels))
+            if cfg.use_rms_norm
+            else (lambda: LayerNorm32(cfg.channels, eps=1e-6, bias=cfg.use_bias))
         )
         self.norm1 = norm()
         self.attn = SelfAttention(cfg.channels, cfg.num_heads, cfg.use_bias, cfg.qk_rms_norm, rope)
@@ -211,6 +213,42 @@ class AttentionPoolingHead(nn.Module):
         o = attention(q, kv[:, 0], kv[:, 1], [1] * b, seqlens_k=seqlens)
         h = self.attention.to_out(o.reshape(b, c))
         return h + self.mlp(self.layernorm(h)), h
+
+
+@dataclass
+class PoolState:
+    """Running online-softmax sums of the pooling head over one item's tokens (streaming)."""
+
+    max: Tensor  # [H]
+    denom: Tensor  # [H]
+    acc: Tensor  # [H, D]
+
+
+def pool_update(head: AttentionPoolingHead, state: PoolState | None, x: Tensor) -> PoolState:
+    """Fold tokens ``x [n, C]`` of one item into the streaming pooling state (exact, float32)."""
+    c = x.shape[1]
+    d = c // head.heads
+    q = head.attention.to_q(head.probe.to(x.dtype)).view(head.heads, d).float()
+    kv = head.attention.to_kv(x).view(x.shape[0], 2, head.heads, d).float()
+    s = torch.einsum("hd,nhd->hn", q, kv[:, 0]) / math.sqrt(d)  # [H, n]
+    m_new = s.max(-1).values
+    if state is not None:
+        m_new = torch.maximum(m_new, state.max)
+    p = torch.exp(s - m_new[:, None])
+    acc = torch.einsum("hn,nhd->hd", p, kv[:, 1])
+    denom = p.sum(-1)
+    if state is not None:
+        r = torch.exp(state.max - m_new)
+        acc = acc + state.acc * r[:, None]
+        denom = denom + state.denom * r
+    return PoolState(m_new, denom, acc)
+
+
+def pool_finish(head: AttentionPoolingHead, state: PoolState, dtype: torch.dtype) -> Tensor:
+    """Unnormalised pooled feature ``[1, C]`` from a streaming state."""
+    o = (state.acc / state.denom[:, None]).reshape(1, -1).to(dtype)
+    h = head.attention.to_out(o)
+    return h + head.mlp(head.layernorm(h))
 
 
 def chunk_positions(coords: Tensor) -> Tensor:

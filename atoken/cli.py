@@ -1,0 +1,264 @@
+"""Command line: ``python -m atoken {reconstruct,encode,decode,classify,train,eval,download,models}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from atoken.attention import BACKENDS, attention_backend
+from atoken.checkpoint import load, load_gaussian_decoder
+from atoken.hub import MODEL_NAMES, available_models, bundled_path, load_pretrained
+from atoken.media import MediaError, kind_of
+
+DEFAULT_MODEL = "atoken-tiny"
+
+
+def default_model_name() -> str:
+    """The bundled checkpoint when present, else the official So/C (from the cache)."""
+    return DEFAULT_MODEL if bundled_path(DEFAULT_MODEL) else "so-c"
+
+
+def add_model_args(p: argparse.ArgumentParser, *, gs: bool = False) -> None:
+    """Options choosing the model, device, dtype and attention backend."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help=f"model name {MODEL_NAMES} (default: bundled atoken-tiny)")
+    g.add_argument("--weights", default=None, help="checkpoint path (.pt / .safetensors)")
+    g.add_argument("--config", default=None, help="preset name or official YAML (default: from the file)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--attention", default="sdpa", choices=sorted(BACKENDS))
+    if gs:
+        g.add_argument("--gs-weights", default=None, help="Gaussian decoder checkpoint")
+        g.add_argument("--gs-config", default=None, help="Gaussian decoder preset or YAML")
+
+
+def build_model(args: argparse.Namespace):
+    """The autoencoder the options describe."""
+    if args.weights:
+        return load(args.weights, args.config, device=args.device, dtype=args.dtype)
+    name = args.model or default_model_name()
+    return load_pretrained(name, device=args.device, dtype=args.dtype)
+
+
+def build_gs_decoder(args: argparse.Namespace):
+    """The Gaussian decoder paired with the chosen model."""
+    if args.gs_weights:
+        return load_gaussian_decoder(args.gs_weights, args.gs_config, device=args.device,
+                                     dtype=args.dtype)
+    name = args.model or default_model_name()
+    gs_name = "atoken-tiny-gs" if name.startswith("atoken-tiny") else "gs"
+    return load_pretrained(gs_name, device=args.device, dtype=args.dtype)
+
+
+class Bar:
+    """A tqdm bar fed by ``(done, total, message)`` callbacks."""
+
+    def __init__(self, desc: str):
+        self.bar = tqdm(desc=desc, unit="frame", file=sys.stderr)
+
+    def __call__(self, done: int, total: int, message: str = "") -> None:
+        if total and self.bar.total != total:
+            self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from atoken.pipeline import reconstruct_image, reconstruct_video
+
+    kind = kind_of(args.input)
+    model = build_model(args)
+    if kind == "image":
+        res = reconstruct_image(model, args.input, max_side=args.max_side, mode=args.mode, seed=args.seed)
+        from atoken.media import write_image
+
+        write_image(args.output, res.reconstruction)
+        report = res.metrics()
+    elif kind == "video":
+        out = Path(args.output)
+        bar = Bar("reconstruct")
+        try:
+            res = reconstruct_video(
+                model, args.input, out.parent / (out.stem + "_files"), stride=args.stride,
+                max_side=args.max_side, max_frames=args.max_frames, mode=args.mode, seed=args.seed,
+                progress=bar,
+            )
+        finally:
+            bar.close()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        res.files["reconstruction"].replace(out)
+        report = {"frames": res.num_frames, "psnr": res.mean_psnr, "tokens": res.num_tokens,
+                  "files": {k: str(v) for k, v in res.files.items() if k != "reconstruction"}}
+    else:
+        from atoken.pipeline3d import reconstruct_asset
+
+        gs = build_gs_decoder(args)
+        res = reconstruct_asset(
+            model, gs, args.input, args.output, num_views=args.views, resolution=args.resolution,
+            turntable=args.turntable, mode=args.mode, seed=args.seed,
+        )
+        report = res.summary()
+    print(json.dumps({"output": str(args.output), **report}, default=float))
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from atoken.pipeline import encode_file
+
+    model = build_model(args)
+    bar = Bar("encode")
+    try:
+        out = encode_file(model, args.input, args.output, max_side=args.max_side, stride=args.stride,
+                          max_frames=args.max_frames, mode=args.mode, seed=args.seed, progress=bar)
+    finally:
+        bar.close()
+    print(out)
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from atoken.pipeline import decode_file, read_token_file
+
+    if not args.weights and not args.model:
+        _, meta = read_token_file(args.tokens)
+        name = json.loads(meta.get("model", "{}")).get("name", "")
+        if name in MODEL_NAMES:
+            args.model = name
+    model = build_model(args)
+    bar = Bar("decode")
+    try:
+        out = decode_file(model, args.tokens, args.output, progress=bar)
+    finally:
+        bar.close()
+    print(out)
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from atoken.zeroshot import classify_file, parse_labels
+
+    model = build_model(args)
+    probs = classify_file(model, args.input, parse_labels(args.labels))
+    if args.json:
+        print(json.dumps(probs))
+    else:
+        for label, p in probs.items():
+            print(f"{p:7.4f}  {label}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from atoken.training import train_from_config
+
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    train_from_config(args.config, **overrides)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from atoken.training import evaluate_folder
+
+    model = build_model(args)
+    labels = args.labels.split(",") if args.labels else None
+    print(json.dumps(evaluate_folder(model, args.folder, labels=labels, max_side=args.max_side),
+                     default=float))
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from atoken.download import OFFICIAL_WEIGHTS, download
+
+    for name in args.names:
+        print(f"{name}: {OFFICIAL_WEIGHTS[name].licence}", file=sys.stderr)
+        print(download(name, url=args.url))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    for name, where in available_models().items():
+        print(f"{name:16s} {where}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m atoken``."""
+    p = argparse.ArgumentParser(prog="python -m atoken", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def media_opts(q):
+        q.add_argument("--max-side", type=int, default=None, help="downscale so the longer side <= this")
+        q.add_argument("--stride", type=int, default=1, help="keep every n-th video frame")
+        q.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
+        q.add_argument("--mode", default="auto", choices=["auto", "mean", "sample", "fsq"],
+                       help="latent fed to the decoder (auto: FSQ codes for So/D, else the mean)")
+        q.add_argument("--seed", type=int, default=None, help="seed for --mode sample")
+
+    q = sub.add_parser("reconstruct", help="image/video/mesh -> reconstruction")
+    q.add_argument("input")
+    q.add_argument("output")
+    media_opts(q)
+    q.add_argument("--views", type=int, default=None, help="3D: rendered views")
+    q.add_argument("--resolution", type=int, default=None, help="3D: render resolution")
+    q.add_argument("--turntable", default=None, help="3D: write a turntable mp4 here")
+    add_model_args(q, gs=True)
+    q.set_defaults(func=cmd_reconstruct)
+
+    q = sub.add_parser("encode", help="image/video -> token file (.safetensors)")
+    q.add_argument("input")
+    q.add_argument("output")
+    media_opts(q)
+    add_model_args(q)
+    q.set_defaults(func=cmd_encode)
+
+    q = sub.add_parser("decode", help="token file -> image/video")
+    q.add_argument("tokens")
+    q.add_argument("output")
+    add_model_args(q)
+    q.set_defaults(func=cmd_decode)
+
+    q = sub.add_parser("classify", help="zero-shot classification of an image/video/mesh")
+    q.add_argument("input")
+    q.add_argument("--labels", required=True, help='comma-separated, e.g. "cat, dog, car"')
+    q.add_argument("--json", action="store_true", help='print {"label": probability, ...}')
+    add_model_args(q)
+    q.set_defaults(func=cmd_classify)
+
+    q = sub.add_parser("train", help="train or fine-tune from a stage config (YAML)")
+    q.add_argument("config")
+    q.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    q.set_defaults(func=cmd_train)
+
+    q = sub.add_parser("eval", help="PSNR/SSIM/rFID/zero-shot over a folder")
+    q.add_argument("folder")
+    q.add_argument("--labels", default=None, help="comma-separated class names for zero-shot")
+    q.add_argument("--max-side", type=int, default=None)
+    add_model_args(q)
+    q.set_defaults(func=cmd_eval)
+
+    q = sub.add_parser("download", help="fetch official weights into the cache ($ATOKEN_HOME)")
+    q.add_argument("names", nargs="+", choices=["so-c", "so-d", "so-c-s1", "so-c-s2", "gs"])
+    q.add_argument("--url", default=None, help="override the source URL")
+    q.set_defaults(func=cmd_download)
+
+    q = sub.add_parser("models", help="list known models and where they load from")
+    q.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; errors about inputs print one line instead of a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        with attention_backend(getattr(args, "attention", "sdpa")):
+            return args.func(args)
+    except (MediaError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,303 @@
+"""Reading and writing images and videos with limits and clear errors.
+
+Images go through Pillow (EXIF orientation applied, alpha composited on white, decompression
+bombs refused); videos through the ffmpeg binary that ``imageio-ffmpeg`` ships, streamed frame
+by frame so that long videos never sit in memory whole.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+VIDEO_EXTENSIONS = {".mp4", ".webm", ".mov", ".gif", ".avi", ".mkv", ".m4v"}
+MESH_EXTENSIONS = {".glb", ".gltf", ".obj", ".ply", ".stl", ".off", ".zip"}
+
+MAX_IMAGE_PIXELS = 64_000_000  # refuse larger images before decoding them
+MAX_IMAGE_SIDE = 16_384
+
+
+class MediaError(ValueError):
+    """An input file is unreadable or exceeds a limit; the message says which and why."""
+
+
+def kind_of(path: str | Path) -> str:
+    """ "image", "video" or "mesh" from the file extension."""
+    ext = Path(path).suffix.lower()
+    if ext in IMAGE_EXTENSIONS:
+        return "image"
+    if ext in VIDEO_EXTENSIONS:
+        return "video"
+    if ext in MESH_EXTENSIONS:
+        return "mesh"
+    raise MediaError(
+        f"unsupported file type {ext!r}: images {sorted(IMAGE_EXTENSIONS)}, videos "
+        f"{sorted(VIDEO_EXTENSIONS)}, meshes {sorted(MESH_EXTENSIONS)}"
+    )
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_image(source, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """An image file, bytes, PIL image or array -> uint8 ``[H, W, 3]``."""
+    if isinstance(source, np.ndarray):
+        return image_array(source)
+    if isinstance(source, Image.Image):
+        return _to_rgb(source)
+    name = str(source) if not isinstance(source, bytes) else "<bytes>"
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+    except OSError as e:
+        raise MediaError(f"cannot open {name}: {e.strerror or e}") from e
+    with fp:
+        try:
+            img = Image.open(fp)
+            w, h = img.size
+            if w * h > max_pixels or max(w, h) > MAX_IMAGE_SIDE:
+                raise MediaError(
+                    f"image is {w}x{h} = {w * h / 1e6:.1f} MP; the limit is {max_pixels / 1e6:.0f} MP "
+                    f"and {MAX_IMAGE_SIDE} px per side"
+                )
+            img.load()
+        except MediaError:
+            raise
+        except UnidentifiedImageError as e:
+            raise MediaError(f"{Path(name).name} is not an image Pillow can read") from e
+        except Image.DecompressionBombError as e:
+            raise MediaError(f"{Path(name).name} is too large to decode safely: {e}") from e
+        except (OSError, SyntaxError, ValueError) as e:
+            raise MediaError(f"{Path(name).name} is damaged or truncated: {e}") from e
+        return _to_rgb(img)
+
+
+def image_array(arr: np.ndarray) -> np.ndarray:
+    """Validate/convert an in-memory image to uint8 ``[H, W, 3]``."""
+    a = np.asarray(arr)
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise MediaError(f"expected an image [H, W, 3], got shape {a.shape}")
+    if a.shape[2] == 4:
+        return _to_rgb(Image.fromarray(a.astype(np.uint8), "RGBA"))
+    if a.dtype != np.uint8:
+        if np.issubdtype(a.dtype, np.floating) and a.size and a.max() <= 1.0 + 1e-6:
+            a = a * 255.0
+        a = np.clip(np.round(a), 0, 255).astype(np.uint8)
+    if a.size == 0:
+        raise MediaError("the image is empty")
+    return np.ascontiguousarray(a)
+
+
+def resize_max_side(img: np.ndarray, max_side: int | None) -> np.ndarray:
+    """Downscale (Lanczos) so the longer side is at most ``max_side``; never upscale."""
+    if not max_side or max(img.shape[:2]) <= max_side:
+        return img
+    h, w = img.shape[:2]
+    s = max_side / max(h, w)
+    size = (max(16, round(w * s)), max(16, round(h * s)))
+    return np.asarray(Image.fromarray(img).resize(size, Image.LANCZOS))
+
+
+def crop_to_grid(img: np.ndarray, patch: int = 16) -> np.ndarray:
+    """Official centre crop to a multiple of ``patch`` (what the model sees)."""
+    h, w = img.shape[-3], img.shape[-2]
+    nh, nw = h // patch * patch, w // patch * patch
+    if nh == 0 or nw == 0:
+        raise MediaError(f"image {w}x{h} is smaller than one {patch}x{patch} patch")
+    top, left = (h - nh) // 2, (w - nw) // 2
+    return img[..., top : top + nh, left : left + nw, :]
+
+
+def prepare_image(source, *, max_side: int | None = None, min_side: int = 16) -> np.ndarray:
+    """Read, optionally downscale, and crop an image to the 16-px grid: uint8 ``[H', W', 3]``."""
+    img = resize_max_side(read_image(source), max_side)
+    if min(img.shape[:2]) < min_side:
+        raise MediaError(f"image {img.shape[1]}x{img.shape[0]} is smaller than {min_side} px")
+    return crop_to_grid(img)
+
+
+@dataclass
+class VideoInfo:
+    """What ffmpeg reports about a video."""
+
+    width: int
+    height: int
+    fps: float
+    num_frames: int
+    duration: float
+
+
+def _ffmpeg_reader(path: str, size: tuple[int, int] | None = None):
+    import imageio_ffmpeg
+
+    output_params = []
+    if size is not None:
+        output_params = ["-vf", f"scale={size[0]}:{size[1]}:flags=lanczos"]
+    return imageio_ffmpeg.read_frames(path, pix_fmt="rgb24", output_params=output_params or None)
+
+
+def probe_video(path: str | Path) -> VideoInfo:
+    """Size, frame rate and frame count of a video (counting frames when the header has none)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"video not found: {path}")
+    if path.stat().st_size == 0:
+        raise MediaError(f"{path.name} is empty")
+    try:
+        reader = _ffmpeg_reader(str(path))
+        meta = next(reader)
+        reader.close()
+    except (OSError, RuntimeError, StopIteration) as e:
+        raise MediaError(f"{path.name} is not a video ffmpeg can read: {_short(e)}") from e
+    w, h = meta.get("size", (0, 0))
+    fps = float(meta.get("fps") or 0.0) or 25.0
+    duration = float(meta.get("duration") or 0.0)
+    n = int(round(duration * fps)) if duration else 0
+    if n == 0 or not w:
+        import imageio_ffmpeg
+
+        try:
+            n, duration = imageio_ffmpeg.count_frames_and_secs(str(path))
+        except (OSError, RuntimeError) as e:
+            raise MediaError(f"{path.name}: cannot count frames: {_short(e)}") from e
+    if n == 0 or not w:
+        raise MediaError(f"{path.name} has no video frames")
+    return VideoInfo(int(w), int(h), fps, int(n), float(duration or n / fps))
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[-1][:200] if text else type(e).__name__
+
+
+def scaled_size(width: int, height: int, max_side: int | None) -> tuple[int, int] | None:
+    """Even (w, h) with the longer side <= max_side (None when no scaling is needed)."""
+    if not max_side or max(width, height) <= max_side:
+        return None
+    s = max_side / max(width, height)
+    return max(16, int(round(width * s / 2)) * 2), max(16, int(round(height * s / 2)) * 2)
+
+
+def iter_video_frames(
+    path: str | Path,
+    *,
+    stride: int = 1,
+    max_side: int | None = None,
+    max_frames: int | None = None,
+) -> Iterator[np.ndarray]:
+    """Stream uint8 ``[H, W, 3]`` frames (every ``stride``-th, scaled to ``max_side``)."""
+    if stride < 1:
+        raise MediaError(f"frame stride must be >= 1, got {stride}")
+    info = probe_video(path)
+    size = scaled_size(info.width, info.height, max_side)
+    w, h = size or (info.width, info.height)
+    reader = _ffmpeg_reader(str(path), size)
+    try:
+        next(reader)  # metadata
+        kept = 0
+        for i, buf in enumerate(reader):
+            if i % stride:
+                continue
+            frame = np.frombuffer(buf, np.uint8)
+            if frame.size != w * h * 3:
+                raise MediaError(f"{Path(path).name}: frame {i} has an unexpected size")
+            yield frame.reshape(h, w, 3)
+            kept += 1
+            if max_frames is not None and kept >= max_frames:
+                break
+    except RuntimeError as e:
+        raise MediaError(f"{Path(path).name}: decoding failed: {_short(e)}") from e
+    finally:
+        reader.close()
+
+
+def read_video(path: str | Path, **kwargs) -> np.ndarray:
+    """All (selected) frames as uint8 ``[T, H, W, 3]``; prefer :func:`iter_video_frames`."""
+    frames = list(iter_video_frames(path, **kwargs))
+    if not frames:
+        raise MediaError(f"{Path(path).name} has no video frames")
+    return np.stack(frames)
+
+
+class VideoWriter:
+    """H.264 mp4 writer (yuv420p, even sizes) fed one uint8 frame at a time."""
+
+    def __init__(self, path: str | Path, fps: float, quality: int = 8):
+        self.path = Path(path)
+        self.fps = fps
+        self.quality = quality
+        self._gen = None
+        self._size = None
+
+    def write(self, frame: np.ndarray) -> None:
+        """Append a uint8 ``[H, W, 3]`` frame (padded to even size if needed)."""
+        import imageio_ffmpeg
+
+        frame = np.ascontiguousarray(frame, dtype=np.uint8)
+        h, w = frame.shape[:2]
+        if h % 2 or w % 2:
+            frame = np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+        if self._gen is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._size = frame.shape[1], frame.shape[0]
+            self._gen = imageio_ffmpeg.write_frames(
+                str(self.path),
+                self._size,
+                fps=self.fps,
+                quality=self.quality,
+                macro_block_size=2,
+                pix_fmt_out="yuv420p",
+            )
+            self._gen.send(None)
+        elif (frame.shape[1], frame.shape[0]) != self._size:
+            raise ValueError(f"frame size {frame.shape[1]}x{frame.shape[0]} != {self._size}")
+        self._gen.send(frame)
+
+    def close(self) -> None:
+        """Finish the file."""
+        if self._gen is not None:
+            self._gen.close()
+            self._gen = None
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_video(path: str | Path, frames, fps: float) -> Path:
+    """Write uint8 frames to an mp4."""
+    with VideoWriter(path, fps) as w:
+        for f in frames:
+            w.write(f)
+    return Path(path)
+
+
+def write_image(path: str | Path, img: np.ndarray) -> Path:
+    """Write a uint8 image (PNG unless the extension says otherwise)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(img, np.uint8)).save(path)
+    return path
+
+
+def side_by_side(a: np.ndarray, b: np.ndarray, gap: int = 4) -> np.ndarray:
+    """Two equal-height uint8 images next to each other with a white gap."""
+    h = max(a.shape[0], b.shape[0])
+    pad = lambda x: np.pad(x, ((0, h - x.shape[0]), (0, 0), (0, 0)))  # noqa: E731
+    sep = np.full((h, gap, 3), 255, np.uint8)
+    return np.concatenate([pad(a), sep, pad(b)], axis=1)
