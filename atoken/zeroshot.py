@@ -9,7 +9,6 @@ become prompts through per-modality templates (ensembled: mean of unit embedding
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -70,7 +69,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 VIDEO_SUFFIXES = frozenset({".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v"})
 VOXEL_SUFFIXES = frozenset({".safetensors", ".npz"})
-MESH_SUFFIXES = frozenset({".obj", ".glb", ".gltf", ".ply", ".stl", ".off"})
+MESH_SUFFIXES = frozenset({".obj", ".glb", ".gltf", ".ply", ".stl", ".off", ".zip"})
 ITEM_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES | VOXEL_SUFFIXES | MESH_SUFFIXES
 
 
@@ -273,8 +272,6 @@ def encode_items(model: Any, items: Sequence[Any], *, batch_size: int = 8) -> Te
 
 def resolve_text_tower(model: Any, text_tower: TextTower | str | Path | None = None) -> TextTower:
     """The text tower to use: the caller's, or the one named by ``model.config.text_tower``."""
-    if isinstance(text_tower, TextTower):
-        return text_tower
     if text_tower is None:
         text_tower = getattr(getattr(model, "config", None), "text_tower", None)
         if text_tower is None:
@@ -282,7 +279,7 @@ def resolve_text_tower(model: Any, text_tower: TextTower | str | Path | None = N
                 "this model names no paired text tower (config.text_tower is None); pass "
                 "text_tower='siglip2', 'minilm' or a local directory"
             )
-    return load_text_tower(text_tower)
+    return text_tower if isinstance(text_tower, TextTower) else load_text_tower(text_tower)
 
 
 def model_logit_params(model: Any) -> tuple[float, float]:
@@ -305,6 +302,35 @@ def _check_dims(features: Tensor, tower: TextTower) -> None:
         )
 
 
+def label_logits(
+    pooled: Tensor,
+    labels: Sequence[str],
+    tower: TextTower,
+    logit_scale: float,
+    logit_bias: float,
+    modality: str | None = None,
+    *,
+    templates: Sequence[str] | None = None,
+) -> Tensor:
+    """SigLIP logits ``exp(logit_scale) * cos + logit_bias``, ``[B, K]``, for features ``[B, C]``.
+
+    Rank with logits: float32 sigmoid probabilities saturate at 1 when cosines are high.
+    """
+    pooled = pooled[None] if pooled.dim() == 1 else pooled
+    _check_dims(pooled, tower)
+    txt = label_embeddings(labels, tower, modality=modality, templates=templates)
+    return cosine_logits(pooled, txt, logit_scale) + float(logit_bias)
+
+
+def logits_to_probs(logits: Tensor, logit_bias: float, kind: str = "sigmoid") -> Tensor:
+    """``sigmoid(logits)`` per label, or the softmax over labels (the bias cancels there)."""
+    if kind not in PROB_KINDS:
+        raise ValueError(f"kind must be one of {list(PROB_KINDS)}, got {kind!r}")
+    if kind == "softmax":
+        return torch.softmax(logits - float(logit_bias), dim=-1)
+    return torch.sigmoid(logits)
+
+
 def label_probs(
     pooled: Tensor,
     labels: Sequence[str],
@@ -319,17 +345,10 @@ def label_probs(
     """Probabilities ``[B, K]`` of each label for each pooled feature ``[B, C]``."""
     if kind not in PROB_KINDS:
         raise ValueError(f"kind must be one of {list(PROB_KINDS)}, got {kind!r}")
-    pooled = pooled[None] if pooled.dim() == 1 else pooled
-    _check_dims(pooled, tower)
-    txt = label_embeddings(labels, tower, modality=modality, templates=templates)
-    if kind == "softmax":
-        return softmax_probs(pooled, txt, logit_scale)
-    return sigmoid_probs(pooled, txt, logit_scale, logit_bias)
-
-
-def _sorted_dict(labels: Sequence[str], probs: Tensor) -> dict[str, float]:
-    pairs = sorted(zip(labels, probs.tolist()), key=lambda kv: -kv[1])
-    return dict(pairs)
+    logits = label_logits(
+        pooled, labels, tower, logit_scale, logit_bias, modality, templates=templates
+    )
+    return logits_to_probs(logits, logit_bias, kind)
 
 
 def classify_features(
@@ -349,11 +368,15 @@ def classify_features(
             f"classify_features takes one item ([C] or [1, C]), got {tuple(pooled.shape)}; "
             "use label_probs for a batch"
         )
+    if kind not in PROB_KINDS:
+        raise ValueError(f"kind must be one of {list(PROB_KINDS)}, got {kind!r}")
     labels = _check_labels(labels)
-    probs = label_probs(
-        pooled, labels, tower, logit_scale, logit_bias, modality, templates=templates, kind=kind
-    )
-    return _sorted_dict(labels, probs[0])
+    logits = label_logits(
+        pooled, labels, tower, logit_scale, logit_bias, modality, templates=templates
+    )[0]
+    probs = logits_to_probs(logits, logit_bias, kind)
+    order = torch.argsort(logits, descending=True, stable=True).tolist()
+    return {labels[i]: float(probs[i]) for i in order}
 
 
 def classify(
@@ -459,13 +482,7 @@ def load_image(path: str | Path, *, max_side: int | None = 512) -> np.ndarray:
             rgba = im.convert("RGBA")
             im = Image.new("RGB", rgba.size, (255, 255, 255))
             im.paste(rgba, mask=rgba.getchannel("A"))
-        im = im.convert("RGB")
-        if max_side is not None and max(im.size) > max_side:
-            s = max_side / max(im.size)
-            im = im.resize(
-                (max(1, round(im.width * s)), max(1, round(im.height * s))), Image.LANCZOS
-            )
-        pixels = np.asarray(im)
+        pixels = np.array(_downscale(im.convert("RGB"), max_side))
     return to_model_range(pixels).numpy()
 
 
@@ -485,7 +502,7 @@ def load_video(path: str | Path, *, num_frames: int = 16, max_side: int | None =
         for i, frame in enumerate(reader):
             if i in wanted:
                 im = Image.fromarray(np.asarray(frame)[..., :3])
-                frames.append(np.asarray(_downscale(im, max_side)))
+                frames.append(np.array(_downscale(im, max_side)))
             if i >= n - 1:
                 break
     if not frames:
@@ -497,20 +514,15 @@ def load_voxels(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Packed 3D asset -> (feats ``[N, 768]`` in [0, 1], coords ``[N, 3]``).
 
     ``.safetensors`` / ``.npz`` with ``feats`` (or ``feats768``) and ``coords`` (or
-    ``coords_xyz``), as written by the official multiview packing (§1.4.1). Mesh files go
-    through ``atoken.mesh_render.mesh_to_voxels`` when that module is available.
+    ``coords_xyz``), as written by the official multiview packing (§1.4.1). Mesh files are
+    rendered and packed by ``atoken.mesh_render.mesh_to_voxels``.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in MESH_SUFFIXES:
-        try:
-            mesh_render = importlib.import_module("atoken.mesh_render")
-        except ImportError as e:
-            raise ValueError(
-                f"{path.name}: meshes need atoken.mesh_render, which is not available; pack the "
-                "asset's voxel features to .safetensors with 'feats' [N, 768] and 'coords' [N, 3]"
-            ) from e
-        feats, coords = mesh_render.mesh_to_voxels(path)
+        from atoken.mesh_render import mesh_to_voxels  # renders views: imported only when used
+
+        feats, coords = mesh_to_voxels(path)
         return np.asarray(feats, dtype=np.float32), np.asarray(coords)
     if suffix == ".safetensors":
         from safetensors.numpy import load_file
@@ -629,8 +641,9 @@ class ZeroShotResult:
     confusion: np.ndarray  # [K, K] counts, rows true, columns predicted
     paths: list[Path]
     targets: np.ndarray  # [N] label index
-    predictions: np.ndarray  # [N] label index
-    probs: np.ndarray  # [N, K]
+    predictions: np.ndarray  # [N] label index (argmax of the logits)
+    logits: np.ndarray  # [N, K] SigLIP logits
+    probs: np.ndarray  # [N, K] sigmoid probabilities
 
     def figure(self):
         """Plotly heatmap of the confusion matrix."""
@@ -655,7 +668,7 @@ def zero_shot_eval(
 
     The label set is ``labels`` (which must include every class present) or the sorted class
     names; underscores in names become spaces in the prompts. Items are classified by argmax
-    over the labels, which neither logit scale nor bias changes.
+    of the logits, which neither logit scale nor bias changes.
     """
     pairs = read_labelled_items(source)
     if max_items is not None:
@@ -671,7 +684,7 @@ def zero_shot_eval(
     if len(set(prompts)) != len(prompts):
         prompts = names
     scale, bias = model_logit_params(model)
-    probs = np.zeros((len(pairs), len(names)), dtype=np.float32)
+    logits = np.zeros((len(pairs), len(names)), dtype=np.float32)
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s : s + batch_size]
         loaded = [load_item(p, max_side=max_side, num_frames=num_frames) for p, _ in chunk]
@@ -679,15 +692,15 @@ def zero_shot_eval(
         mods = [modality or m for _, m in loaded]
         for m in dict.fromkeys(mods):
             rows = [i for i, x in enumerate(mods) if x == m]
-            p = label_probs(pooled[rows], prompts, tower, scale, bias, m, templates=templates)
-            probs[[s + i for i in rows]] = p.numpy()
+            z = label_logits(pooled[rows], prompts, tower, scale, bias, m, templates=templates)
+            logits[[s + i for i in rows]] = z.numpy()
         if progress is not None:
             progress(s + len(chunk), len(pairs))
     targets = np.array([index[label] for _, label in pairs], dtype=np.int64)
-    predictions = probs.argmax(1)
+    predictions = logits.argmax(1)
     top5 = None
     if len(names) > 5:
-        top = np.argsort(-probs, axis=1)[:, :5]
+        top = np.argsort(-logits, axis=1, kind="stable")[:, :5]
         top5 = float((top == targets[:, None]).any(1).mean())
     return ZeroShotResult(
         accuracy=float((predictions == targets).mean()),
@@ -697,7 +710,8 @@ def zero_shot_eval(
         paths=[p for p, _ in pairs],
         targets=targets,
         predictions=predictions,
-        probs=probs,
+        logits=logits,
+        probs=logits_to_probs(torch.from_numpy(logits), bias).numpy(),
     )
 
 
