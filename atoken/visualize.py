@@ -98,3 +98,149 @@ def channel_maps(
         r, q = divmod(i, cols)
         out[r * (h + 2) : r * (h + 2) + h, q * (w + 2) : q * (w + 2) + w] = grid[:, :, i]
     return out
+
+
+# -- latent view for the app (figures and teaching text) -------------------------------------
+
+HOW_TO_READ = """\
+**How to read the latent view**
+
+* **PCA colours**: every 16x16 patch of the input became one latent token (a short vector of
+  numbers). The three directions in which this item's tokens differ most are painted red, green
+  and blue. Patches with similar colours have similar latents: the model "sees" them as alike.
+  Sharp colour changes mark where the latent changes, often at object edges.
+* **Channel maps**: one small grey picture per latent channel, bright = high value. Some channels
+  follow brightness or colour, others edges or texture.
+* **Value histograms**: how the numbers of each channel are spread. A continuous (KL) latent looks
+  roughly bell-shaped around 0; a discrete (FSQ) latent only takes the four values -1, -0.5, 0, 0.5.
+* **Code usage** (FSQ models): each token is 8 codes, one per group, out of 4096 possible values
+  per group. Many distinct codes and a high perplexity mean the vocabulary is used richly.
+* **Pooled feature**: one vector for the whole item, the attention-pooled summary that zero-shot
+  classification compares with text embeddings.
+"""
+
+
+def value_histogram_figure(latent: Tensor, *, max_channels: int = 8, bins: int = 60):
+    """Plotly histograms of the latent values: all channels together plus the first few."""
+    import plotly.graph_objects as go
+
+    x = latent.detach().float().cpu().numpy()
+    if x.ndim != 2 or x.size == 0:
+        raise ValueError(f"need a latent [N, L] with N > 0, got shape {x.shape}")
+    fig = go.Figure()
+    fig.add_trace(go.Histogram(x=x.reshape(-1), nbinsx=bins, name="all channels", opacity=0.6))
+    for c in range(min(max_channels, x.shape[1])):
+        fig.add_trace(
+            go.Histogram(
+                x=x[:, c], nbinsx=bins, name=f"channel {c}", opacity=0.5, visible="legendonly"
+            )
+        )
+    fig.update_layout(
+        barmode="overlay",
+        xaxis_title="latent value",
+        yaxis_title="count",
+        title=f"latent values ({x.shape[0]} tokens x {x.shape[1]} channels)",
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+    )
+    return fig
+
+
+def code_usage(indices: Tensor, codebook_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct codes used and perplexity per FSQ group of ``indices [N, G]``."""
+    idx = torch.as_tensor(indices).detach().cpu().long()
+    if idx.dim() != 2 or idx.shape[0] == 0:
+        raise ValueError(f"need indices [N, G] with N > 0, got {tuple(idx.shape)}")
+    if int(idx.min()) < 0 or int(idx.max()) >= codebook_size:
+        raise ValueError(f"indices must lie in [0, {codebook_size})")
+    distinct, perplexity = [], []
+    for g in range(idx.shape[1]):
+        counts = torch.bincount(idx[:, g], minlength=codebook_size).double()
+        p = counts[counts > 0] / counts.sum()
+        distinct.append(int((counts > 0).sum()))
+        perplexity.append(float(torch.exp(-(p * p.log()).sum())))
+    return np.array(distinct), np.array(perplexity)
+
+
+def code_usage_figure(indices: Tensor, codebook_size: int):
+    """Plotly bars of the distinct FSQ codes used per group, with the perplexity."""
+    import plotly.graph_objects as go
+
+    distinct, perplexity = code_usage(indices, codebook_size)
+    groups = [f"group {g}" for g in range(len(distinct))]
+    fig = go.Figure(
+        [
+            go.Bar(x=groups, y=distinct, name="distinct codes"),
+            go.Scatter(x=groups, y=perplexity, name="perplexity", mode="lines+markers"),
+        ]
+    )
+    n = int(torch.as_tensor(indices).shape[0])
+    fig.update_layout(
+        title=f"FSQ code usage: {n} tokens, {codebook_size} codes per group",
+        yaxis_title="codes",
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+    )
+    return fig
+
+
+def pooled_figure(pooled: Tensor):
+    """Plotly bar chart of one item's pooled feature ``[C]`` or ``[1, C]``."""
+    import plotly.graph_objects as go
+
+    v = pooled.detach().float().cpu().reshape(-1).numpy()
+    if v.size == 0:
+        raise ValueError("the pooled feature is empty")
+    fig = go.Figure(go.Bar(x=np.arange(v.size), y=v, marker_line_width=0))
+    fig.update_layout(
+        title=f"pooled feature ({v.size} dims, L2 norm {np.linalg.norm(v):.3f})",
+        xaxis_title="dimension",
+        yaxis_title="value",
+        bargap=0,
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+    )
+    return fig
+
+
+def pca_scatter_figure(latent: Tensor, basis: PCABasis | None = None, *, max_points: int = 4096):
+    """Interactive 3D scatter of the tokens in PCA space, each dot in its PCA colour."""
+    import plotly.graph_objects as go
+
+    basis = basis or fit_pca(latent)
+    x = latent.detach().float().cpu()
+    if x.shape[0] > max_points:
+        x = x[torch.linspace(0, x.shape[0] - 1, max_points).long()]
+    proj = ((x - basis.mean) @ basis.components.T).numpy()
+    rgb = latent_to_rgb(x, basis)
+    colours = [f"rgb({r},{g},{b})" for r, g, b in rgb]
+    ex = [f"PC{i + 1} ({float(e):.0%})" for i, e in enumerate(basis.explained)]
+    fig = go.Figure(
+        go.Scatter3d(
+            x=proj[:, 0],
+            y=proj[:, 1],
+            z=proj[:, 2],
+            mode="markers",
+            marker={"size": 3, "color": colours},
+        )
+    )
+    fig.update_layout(
+        title="tokens in PCA space (colour = PCA RGB)",
+        scene={"xaxis_title": ex[0], "yaxis_title": ex[1], "zaxis_title": ex[2]},
+        margin={"l": 0, "r": 0, "t": 40, "b": 0},
+    )
+    return fig
+
+
+def psnr_figure(psnr_per_frame: list[float]):
+    """Plotly line of per-frame PSNR (dB); infinite values (identical frames) are clipped to 100."""
+    import plotly.graph_objects as go
+
+    if not psnr_per_frame:
+        raise ValueError("no frames to plot")
+    y = [min(float(v), 100.0) for v in psnr_per_frame]
+    fig = go.Figure(go.Scatter(x=list(range(len(y))), y=y, mode="lines+markers", name="PSNR"))
+    fig.update_layout(
+        title=f"per-frame PSNR (mean {np.mean(y):.2f} dB)",
+        xaxis_title="frame",
+        yaxis_title="PSNR (dB)",
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+    )
+    return fig
