@@ -263,6 +263,7 @@ class MiniLMTextTower(TextTower):
         path: str | Path | None = None,
         *,
         device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
         max_tokens: int = MINILM_MAX_TOKENS,
     ) -> None:
         super().__init__()
@@ -274,7 +275,9 @@ class MiniLMTextTower(TextTower):
         try:
             with _quiet_transformers():
                 self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-                self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
+                self.model = AutoModel.from_pretrained(
+                    str(path), local_files_only=True, dtype=dtype
+                )
         except OSError as e:
             raise TextTowerUnavailable(f"cannot load the MiniLM text tower from {path}: {e}") from e
         self.model = self.model.to(device).eval()
@@ -313,23 +316,30 @@ def load_text_tower(
     name_or_path: str | Path,
     *,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
     cache_dir: str | Path | None = None,
 ) -> TextTower:
-    """``"siglip2"``, ``"minilm"``, a Hugging Face id or a local directory -> a cached TextTower."""
-    key = (str(name_or_path), str(torch.device(device)), str(cache_dir))
+    """``"siglip2"``, ``"minilm"``, a Hugging Face id or a local directory -> a cached TextTower.
+
+    One tower per (name, device, dtype, cache_dir) and process; bfloat16 halves the SigLIP2
+    text tower's CPU time (embeddings always come out float32).
+    """
+    key = (str(name_or_path), str(torch.device(device)), str(dtype), str(cache_dir))
     with _TOWERS_LOCK:
         if key in _TOWERS:
             return _TOWERS[key]
-        tower = _build_tower(str(name_or_path), device, cache_dir)
+        tower = _build_tower(str(name_or_path), device, dtype, cache_dir)
         _TOWERS[key] = tower
         return tower
 
 
-def _build_tower(name: str, device: torch.device | str, cache_dir: str | Path | None) -> TextTower:
+def _build_tower(
+    name: str, device: torch.device | str, dtype: torch.dtype, cache_dir: str | Path | None
+) -> TextTower:
     if name == "siglip2":
-        return SigLIP2TextTower(SIGLIP2_MODEL_ID, device=device, cache_dir=cache_dir)
+        return SigLIP2TextTower(SIGLIP2_MODEL_ID, device=device, dtype=dtype, cache_dir=cache_dir)
     if name == "minilm":
-        return MiniLMTextTower(device=device)
+        return MiniLMTextTower(device=device, dtype=dtype)
     path = Path(name).expanduser()
     if path.is_dir():
         config = path / "config.json"
@@ -337,9 +347,9 @@ def _build_tower(name: str, device: torch.device | str, cache_dir: str | Path | 
             raise TextTowerUnavailable(f"{name!r} has no config.json: not a text-tower directory")
         model_type = json.loads(config.read_text()).get("model_type", "")
         if model_type in _SIGLIP_TYPES:
-            return SigLIP2TextTower(path, device=device)
+            return SigLIP2TextTower(path, device=device, dtype=dtype)
         if (path / "modules.json").is_file() or (path / "1_Pooling").is_dir():
-            return MiniLMTextTower(path, device=device)
+            return MiniLMTextTower(path, device=device, dtype=dtype)
         raise ValueError(
             f"{name!r} holds a {model_type!r} model; expected SigLIP/SigLIP2 or a "
             "sentence-transformers (MiniLM) folder"
@@ -347,7 +357,7 @@ def _build_tower(name: str, device: torch.device | str, cache_dir: str | Path | 
     if name.startswith((".", "/", "~")) or path.exists():
         raise TextTowerUnavailable(f"text tower path {name!r} is not a directory")
     if name.count("/") == 1:  # a Hugging Face id, looked up in the local cache only
-        return SigLIP2TextTower(name, device=device, cache_dir=cache_dir)
+        return SigLIP2TextTower(name, device=device, dtype=dtype, cache_dir=cache_dir)
     raise ValueError(
         f"unknown text tower {name!r}: use one of {list(TOWER_NAMES)}, a Hugging Face id of a "
         "SigLIP/SigLIP2 model in the local cache, or a local directory"

@@ -179,14 +179,21 @@ def label_embeddings(
     *,
     modality: str | None = None,
     templates: Sequence[str] | None = None,
+    max_prompts: int | None = None,
 ) -> Tensor:
     """Template-ensembled label embeddings ``[K, D]``: mean of unit prompt vectors, renormalised.
 
-    All prompts go through the tower in one batched call; its per-text cache makes repeated
-    label sets cheap.
+    All prompts go through the tower in batches; its per-text cache makes repeated label sets
+    cheap. ``max_prompts`` caps labels x templates by keeping only the first
+    ``max(1, max_prompts // K)`` templates (the SigLIP2 text tower costs ~1.8 s a prompt on
+    2 CPU cores).
     """
     labels = _check_labels(labels)
     temps = templates_for(modality, templates)
+    if max_prompts is not None:
+        if max_prompts < 1:
+            raise ValueError(f"max_prompts must be >= 1, got {max_prompts}")
+        temps = temps[: max(1, max_prompts // len(labels))]
     prompts = [t.format(label) for label in labels for t in temps]
     emb = tower.encode(prompts).reshape(len(labels), len(temps), -1)
     return F.normalize(emb.mean(1), dim=-1)
@@ -228,6 +235,9 @@ def _tokenize_group(items: list[Any]) -> SparseTensor:
 
 
 def _model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype | None]:
+    device, dtype = getattr(model, "device", None), getattr(model, "dtype", None)
+    if isinstance(device, torch.device) and isinstance(dtype, torch.dtype):
+        return device, dtype
     params = getattr(model, "parameters", None)
     if callable(params):
         for p in params():
@@ -311,6 +321,7 @@ def label_logits(
     modality: str | None = None,
     *,
     templates: Sequence[str] | None = None,
+    max_prompts: int | None = None,
 ) -> Tensor:
     """SigLIP logits ``exp(logit_scale) * cos + logit_bias``, ``[B, K]``, for features ``[B, C]``.
 
@@ -318,7 +329,9 @@ def label_logits(
     """
     pooled = pooled[None] if pooled.dim() == 1 else pooled
     _check_dims(pooled, tower)
-    txt = label_embeddings(labels, tower, modality=modality, templates=templates)
+    txt = label_embeddings(
+        labels, tower, modality=modality, templates=templates, max_prompts=max_prompts
+    )
     return cosine_logits(pooled, txt, logit_scale) + float(logit_bias)
 
 
@@ -340,13 +353,21 @@ def label_probs(
     modality: str | None = None,
     *,
     templates: Sequence[str] | None = None,
+    max_prompts: int | None = None,
     kind: str = "sigmoid",
 ) -> Tensor:
     """Probabilities ``[B, K]`` of each label for each pooled feature ``[B, C]``."""
     if kind not in PROB_KINDS:
         raise ValueError(f"kind must be one of {list(PROB_KINDS)}, got {kind!r}")
     logits = label_logits(
-        pooled, labels, tower, logit_scale, logit_bias, modality, templates=templates
+        pooled,
+        labels,
+        tower,
+        logit_scale,
+        logit_bias,
+        modality,
+        templates=templates,
+        max_prompts=max_prompts,
     )
     return logits_to_probs(logits, logit_bias, kind)
 
@@ -360,6 +381,7 @@ def classify_features(
     modality: str | None = None,
     *,
     templates: Sequence[str] | None = None,
+    max_prompts: int | None = None,
     kind: str = "sigmoid",
 ) -> dict[str, float]:
     """One item's pooled feature ``[C]`` or ``[1, C]`` -> {label: probability}, highest first."""
@@ -372,7 +394,14 @@ def classify_features(
         raise ValueError(f"kind must be one of {list(PROB_KINDS)}, got {kind!r}")
     labels = _check_labels(labels)
     logits = label_logits(
-        pooled, labels, tower, logit_scale, logit_bias, modality, templates=templates
+        pooled,
+        labels,
+        tower,
+        logit_scale,
+        logit_bias,
+        modality,
+        templates=templates,
+        max_prompts=max_prompts,
     )[0]
     probs = logits_to_probs(logits, logit_bias, kind)
     order = torch.argsort(logits, descending=True, stable=True).tolist()
@@ -387,6 +416,7 @@ def classify(
     text_tower: TextTower | str | Path | None = None,
     modality: str | None = None,
     templates: Sequence[str] | None = None,
+    max_prompts: int | None = None,
     kind: str = "sigmoid",
 ) -> dict[str, float]:
     """Zero-shot classify one item -> {label: probability}, highest first.
@@ -400,7 +430,15 @@ def classify(
     pooled = encode_items(model, [item])
     scale, bias = model_logit_params(model)
     return classify_features(
-        pooled, labels, tower, scale, bias, modality, templates=templates, kind=kind
+        pooled,
+        labels,
+        tower,
+        scale,
+        bias,
+        modality,
+        templates=templates,
+        kind=kind,
+        max_prompts=max_prompts,
     )
 
 

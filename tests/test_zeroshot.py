@@ -169,6 +169,16 @@ def test_label_embeddings_are_the_renormalised_template_mean(tower, tiny_dir):
     assert not torch.allclose(got, other, atol=1e-3)  # the modality picks the templates
 
 
+def test_max_prompts_keeps_the_first_templates(tower):
+    image = list(TEMPLATES["image"])
+    capped = label_embeddings(LABELS, tower, modality="image", max_prompts=9)  # 9 // 4 = 2
+    torch.testing.assert_close(capped, label_embeddings(LABELS, tower, templates=image[:2]))
+    one = label_embeddings(LABELS, tower, modality="image", max_prompts=1)
+    torch.testing.assert_close(one, label_embeddings(LABELS, tower, templates=image[:1]))
+    with pytest.raises(ValueError, match="max_prompts"):
+        label_embeddings(LABELS, tower, max_prompts=0)
+
+
 # --- classify --------------------------------------------------------------------------------
 
 
