@@ -112,20 +112,10 @@ def naive_attention(q, k, v, seqlens, seqlens_k, softcap) -> Tensor:
     return torch.cat(out).to(q.dtype)
 
 
-def _pad_index(seqlens: Sequence[int], device) -> tuple[Tensor, Tensor, int]:
-    """Segment id and position of every row, and the longest segment."""
-    lens = torch.tensor(seqlens, device=device)
-    seg = torch.repeat_interleave(torch.arange(len(seqlens), device=device), lens)
-    starts = torch.cumsum(lens, 0) - lens
-    pos = torch.arange(seg.shape[0], device=device) - starts[seg]
-    return seg, pos, max(seqlens)
-
-
-def _to_padded(x: Tensor, seg: Tensor, pos: Tensor, nseg: int, lmax: int) -> Tensor:
-    """Rows ``[N, H, D]`` -> ``[B, H, L, D]`` with zeros in the padding."""
-    out = x.new_zeros(nseg, lmax, *x.shape[1:])
-    out[seg, pos] = x
-    return out.transpose(1, 2)
+def _pad(x: Tensor, lens: Sequence[int]) -> Tensor:
+    """Contiguous segments of rows ``[N, H, D]`` -> ``[B, H, L, D]`` zero-padded."""
+    parts = list(x.split(list(lens)))
+    return torch.nn.utils.rnn.pad_sequence(parts, batch_first=True).transpose(1, 2)
 
 
 def _padded_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, softcap: float) -> Tensor:
@@ -137,24 +127,27 @@ def _padded_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, softcap
 
 def _padded_call(fn: Callable, q, k, v, seqlens, seqlens_k, softcap) -> Tensor:
     """Pad segments into batches (chunked to bound memory), run ``fn``, unpad."""
-    sq, pq, lq = _pad_index(seqlens, q.device)
-    sk, pk, lk = _pad_index(seqlens_k, q.device)
-    per_seg = q.shape[1] * max(lq, 1) * max(lk, 1)
-    chunk = max(1, MAX_SCORE_ELEMENTS // per_seg)
-    out = torch.empty_like(q)
+    lq, lk = max(seqlens), max(seqlens_k)
+    chunk = max(1, MAX_SCORE_ELEMENTS // (q.shape[1] * lq * lk))
+    outs = []
+    iq = ik = 0
     for c0 in range(0, len(seqlens), chunk):
-        c1 = min(len(seqlens), c0 + chunk)
-        rq = (sq >= c0) & (sq < c1)
-        rk = (sk >= c0) & (sk < c1)
-        n = c1 - c0
-        qp = _to_padded(q[rq], sq[rq] - c0, pq[rq], n, lq)
-        kp = _to_padded(k[rk], sk[rk] - c0, pk[rk], n, lk)
-        vp = _to_padded(v[rk], sk[rk] - c0, pk[rk], n, lk)
-        mask = torch.zeros(n, lk, dtype=torch.bool, device=q.device)
-        mask[sk[rk] - c0, pk[rk]] = True
-        o = fn(qp, kp, vp, mask[:, None, None, :], float(softcap or 0.0))  # [n, H, Lq, D]
-        out[rq] = o.transpose(1, 2)[sq[rq] - c0, pq[rq]].to(q.dtype)
-    return out
+        sq, sk = seqlens[c0 : c0 + chunk], seqlens_k[c0 : c0 + chunk]
+        nq, nk = sum(sq), sum(sk)
+        qp = _pad(q[iq : iq + nq], sq)
+        kp, vp = _pad(k[ik : ik + nk], sk), _pad(v[ik : ik + nk], sk)
+        if kp.shape[2] == lk and len(set(sk)) == 1:
+            mask = torch.ones(len(sk), 1, 1, lk, dtype=torch.bool, device=q.device)
+        else:
+            mask = (
+                torch.arange(kp.shape[2], device=q.device)
+                < torch.tensor(sk, device=q.device)[:, None]
+            )
+            mask = mask[:, None, None, :]
+        o = fn(qp, kp, vp, mask, float(softcap or 0.0)).transpose(1, 2)  # [n, Lq, H, D]
+        outs.extend(o[i, :n] for i, n in enumerate(sq))
+        iq, ik = iq + nq, ik + nk
+    return torch.cat(outs).to(q.dtype)
 
 
 def sdpa_attention(q, k, v, seqlens, seqlens_k, softcap) -> Tensor:
@@ -168,7 +161,9 @@ def sdpa_attention(q, k, v, seqlens, seqlens_k, softcap) -> Tensor:
         return _padded_call(_padded_attention, q, k, v, seqlens, seqlens_k, softcap)
     out, i, j = [], 0, 0
     for nq, nk in zip(seqlens, seqlens_k):
-        qs, ks, vs = (t.transpose(0, 1)[None] for t in (q[i : i + nq], k[j : j + nk], v[j : j + nk]))
+        qs, ks, vs = (
+            t.transpose(0, 1)[None] for t in (q[i : i + nq], k[j : j + nk], v[j : j + nk])
+        )
         out.append(F.scaled_dot_product_attention(qs, ks, vs)[0].transpose(0, 1))
         i, j = i + nq, j + nk
     return torch.cat(out)
@@ -177,16 +172,37 @@ def sdpa_attention(q, k, v, seqlens, seqlens_k, softcap) -> Tensor:
 _COMPILED: dict[str, Callable] = {}
 
 
-def compiled_function() -> Callable:
-    """The ``torch.compile``d padded attention (built on first use, shared by all calls)."""
-    if "padded" not in _COMPILED:
-        _COMPILED["padded"] = torch.compile(_padded_attention, dynamic=True, fullgraph=True)
-    return _COMPILED["padded"]
+def _padded_softcap_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, softcap: float):
+    """:func:`_padded_attention` with a soft cap (a separate code object: its own compile cache)."""
+    return _scores_softmax_v(q, k, v, softcap, key_mask).to(q.dtype)
+
+
+def compiled_function(softcap: bool = False) -> Callable:
+    """The ``torch.compile``d padded attention (built on first use, shared by all calls).
+
+    One graph per (softcap, single/multi-segment, head_dim) is expected: sequence length and
+    segment count are symbolic (``dynamic=True``).
+    """
+    key = "softcap" if softcap else "plain"
+    if key not in _COMPILED:
+        fn = _padded_softcap_attention if softcap else _padded_attention
+        _COMPILED[key] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED[key]
 
 
 def compiled_attention(q, k, v, seqlens, seqlens_k, softcap) -> Tensor:
-    """Padded attention through ``torch.compile`` with symbolic shapes."""
-    fn = compiled_function()
+    """Padded attention through ``torch.compile`` with symbolic shapes.
+
+    Single-query segments (the pooling head's probe) go to SDPA: a length-1 axis would be
+    specialised by the compiler and cost a graph for no speed.
+    """
+    if max(seqlens) == 1:
+        return sdpa_attention(q, k, v, seqlens, seqlens_k, softcap)
+    fn = compiled_function(bool(softcap))
+    if len(seqlens) == 1:  # no padding needed; the all-true mask keeps the same graph
+        mask = torch.ones(1, 1, 1, k.shape[0], dtype=torch.bool, device=q.device)
+        qs, ks, vs = (t.transpose(0, 1)[None] for t in (q, k, v))
+        return fn(qs, ks, vs, mask, float(softcap or 0.0))[0].transpose(0, 1).to(q.dtype)
     return _padded_call(fn, q, k, v, seqlens, seqlens_k, softcap)
 
 
