@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import atoken
 import pytest
 import torch
-from atoken.attention import BACKENDS, attention, attention_backend, current_backend
 from safetensors.torch import load_file
+
+import atoken
+from atoken.attention import BACKENDS, attention, attention_backend, current_backend
 
 from .conftest import GOLDEN
 

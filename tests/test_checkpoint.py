@@ -102,7 +102,10 @@ def test_missing_file_and_bad_config(tmp_path):
 
 
 def test_official_yaml_matches_preset():
-    assert atoken.config_from_yaml(GOLDEN / "configs/tiny_c.yaml").encoder == atoken.PRESETS["tiny-c"].encoder
+    assert (
+        atoken.config_from_yaml(GOLDEN / "configs/tiny_c.yaml").encoder
+        == atoken.PRESETS["tiny-c"].encoder
+    )
     d = atoken.config_from_yaml(GOLDEN / "configs/tiny_d.yaml")
     assert d.use_quantizer and d.codebook_size == 4096 and d.quantizer_num_codebooks == 8
     gs = atoken.config_from_yaml(GOLDEN / "configs/tiny_gs.yaml")

@@ -28,7 +28,9 @@ ATOL = RTOL = 1e-4
 
 
 def assert_close(actual: torch.Tensor, golden: torch.Tensor, name: str) -> None:
-    assert tuple(actual.shape) == tuple(golden.shape), f"{name}: shape {actual.shape} vs {golden.shape}"
+    assert tuple(actual.shape) == tuple(golden.shape), (
+        f"{name}: shape {actual.shape} vs {golden.shape}"
+    )
     diff = (actual.float() - golden.float()).abs().max().item() if golden.numel() else 0.0
     assert torch.allclose(actual.float(), golden.float(), atol=ATOL, rtol=RTOL), (
         f"{name}: max abs diff {diff:.3e}"
@@ -159,26 +161,48 @@ class Tracer:
             handles.append(trunk.pos_embedder.register_forward_hook(hook(f"{side}/pos_embed")))
             b0 = trunk.blocks[0]
             handles.append(
-                b0.register_forward_pre_hook(lambda m, i, s=side: self.keep(f"{s}/block0_input", i[0]))
+                b0.register_forward_pre_hook(
+                    lambda m, i, s=side: self.keep(f"{s}/block0_input", i[0])
+                )
             )
             for sub in ("norm1", "norm2"):
                 handles.append(getattr(b0, sub).register_forward_hook(hook(f"{side}/block0/{sub}")))
             handles.append(b0.mlp.register_forward_hook(hook(f"{side}/block0/mlp_output")))
-            handles.append(b0.attn.to_qkv.register_forward_hook(hook(f"{side}/block0/attn/qkv_linear")))
+            handles.append(
+                b0.attn.to_qkv.register_forward_hook(hook(f"{side}/block0/attn/qkv_linear"))
+            )
             handles.append(b0.attn.to_out.register_forward_hook(hook(f"{side}/block0/attn/output")))
             handles.append(
                 b0.attn.to_out.register_forward_pre_hook(
-                    lambda m, i, s=side: self.keep(f"{s}/block0/attn/attn_output_heads_merged", i[0])
+                    lambda m, i, s=side: self.keep(
+                        f"{s}/block0/attn/attn_output_heads_merged", i[0]
+                    )
                 )
             )
             if b0.attn.qk_rms_norm:
-                handles.append(b0.attn.q_rms_norm.register_forward_hook(hook(f"{side}/block0/attn/q_after_qk_norm")))
-                handles.append(b0.attn.k_rms_norm.register_forward_hook(hook(f"{side}/block0/attn/k_after_qk_norm")))
+                handles.append(
+                    b0.attn.q_rms_norm.register_forward_hook(
+                        hook(f"{side}/block0/attn/q_after_qk_norm")
+                    )
+                )
+                handles.append(
+                    b0.attn.k_rms_norm.register_forward_hook(
+                        hook(f"{side}/block0/attn/k_after_qk_norm")
+                    )
+                )
             for i, blk in enumerate(trunk.blocks):
                 handles.append(blk.register_forward_hook(hook(f"{side}/block{i}_output")))
-        handles.append(model.encoder.post_layernorm.register_forward_hook(hook("enc/post_layernorm")))
-        handles.append(model.encoder.head.attention.to_out.register_forward_hook(hook("enc/head/attention_output")))
-        handles.append(model.encoder.head.register_forward_hook(hook("enc/head/output_unnormalized")))
+        handles.append(
+            model.encoder.post_layernorm.register_forward_hook(hook("enc/post_layernorm"))
+        )
+        handles.append(
+            model.encoder.head.attention.to_out.register_forward_hook(
+                hook("enc/head/attention_output")
+            )
+        )
+        handles.append(
+            model.encoder.head.register_forward_hook(hook("enc/head/output_unnormalized"))
+        )
         handles.append(model.proj.register_forward_hook(hook("enc/proj")))
         handles.append(model.decoder.out_norm.register_forward_hook(hook("dec/out_norm")))
 
@@ -235,8 +259,14 @@ def test_gaussian_decoder_standalone():
     x = atoken.SparseTensor(t["input/feats"], t["input/coords"].to(torch.int32))
     trace: dict = {}
     raw = gs.forward_features(x, trace)
-    for name in ("input_layer", "pos_embed", "block0_input", "block0_output", "block1_output",
-                 "after_final_layer_norm"):
+    for name in (
+        "input_layer",
+        "pos_embed",
+        "block0_input",
+        "block0_output",
+        "block1_output",
+        "after_final_layer_norm",
+    ):
         assert_close(trace[name], t[f"gs/{name}"], f"gs/{name}")
     assert_close(raw, t["gs/out_layer"], "gs/out_layer")
     assert_close(gs.offset_perturbation, t["gs/offset_perturbation"], "offset_perturbation")
@@ -250,7 +280,9 @@ def test_gaussian_decoder_standalone():
         assert_close(g.scaling, t[p + "get_scaling"], p + "get_scaling")
         assert_close(g.rotation, t[p + "get_rotation"], p + "get_rotation")
         assert_close(g.opacity, t[p + "get_opacity"], p + "get_opacity")
-        assert_close(g.raw_rotation - torch.tensor([1.0, 0, 0, 0]), t[p + "_rotation"], p + "_rotation")
+        assert_close(
+            g.raw_rotation - torch.tensor([1.0, 0, 0, 0]), t[p + "_rotation"], p + "_rotation"
+        )
 
 
 @torch.no_grad()

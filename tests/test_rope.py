@@ -11,8 +11,17 @@ from atoken.rope import apply_rope, rope_angles, rope_frequencies
 
 
 def test_official_frequencies_for_head_dim_72():
-    expected = [1.0, 0.879922544, 0.774263683, 0.681292069, 0.599484250, 0.527499706,
-                0.464158883, 0.408423865, 0.359381366]
+    expected = [
+        1.0,
+        0.879922544,
+        0.774263683,
+        0.681292069,
+        0.599484250,
+        0.527499706,
+        0.464158883,
+        0.408423865,
+        0.359381366,
+    ]
     assert torch.allclose(rope_frequencies(72), torch.tensor(expected), atol=1e-7)
     with pytest.raises(ValueError):
         rope_frequencies(20)
@@ -36,10 +45,12 @@ def test_interleaved_pairs_rotation():
 def test_relative_position_property():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 2, 24, generator=g), torch.randn(1, 2, 24, generator=g)
+
     def score(pq, pk):
         a = apply_rope(q, rope_angles(torch.tensor([pq], dtype=torch.float32), 24))
         b = apply_rope(k, rope_angles(torch.tensor([pk], dtype=torch.float32), 24))
         return (a * b).sum(-1)
+
     s1 = score([0, 1, 2, 0], [1, 3, 2, 5])
     s2 = score([2, 4, 7, 1], [3, 6, 7, 6])  # same offsets
     assert torch.allclose(s1, s2, atol=1e-4)
