@@ -1,0 +1,1 @@
+"""The AToken Gradio app: layout and handlers only; every computation is a call into atoken."""

@@ -1,0 +1,467 @@
+"""The Gradio layout: a model panel above five tabs, wired to :mod:`app.handlers`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from app import handlers as h
+from app.models import DTYPES, ModelManager
+from app.session import cleanup_session
+from atoken.media import IMAGE_EXTENSIONS, MESH_EXTENSIONS, VIDEO_EXTENSIONS
+from atoken.visualize import HOW_TO_READ
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+EXAMPLE_IMAGES = sorted(str(p) for p in (ASSETS / "examples").glob("*.png"))
+EXAMPLE_VIDEOS = sorted(str(p) for p in (ASSETS / "examples").glob("*.mp4"))
+EXAMPLE_MESHES = sorted(
+    str(p) for p in (ASSETS / "meshes").glob("*") if p.suffix in MESH_EXTENSIONS
+)
+PNG = "png"  # every pixel output: Gradio's default webp would corrupt the comparison
+INTRO = """\
+# AToken: one tokenizer for images, videos and 3D
+Upload an image, a video or a mesh, see it beside its reconstruction, look inside the latent
+tokens, classify it from typed labels, and generate from the latents. Every tab calls the
+[`atoken`](https://arxiv.org/abs/2509.14476) library; the same calls work from Python.
+"""
+
+
+class UploadImage(gr.Image):
+    """``gr.Image`` that hands the handler the uploaded file unopened (type="filepath").
+
+    Gradio's own preprocessing opens uploads with Pillow first, so a broken or gigantic file would
+    fail there with a bare error; here the validator and ``atoken.media`` read it with limits.
+    """
+
+    def preprocess(self, payload):
+        """The uploaded path as it is (data URLs from paste/webcam go through Gradio)."""
+        if payload is not None and payload.path and self.type == "filepath":
+            return str(payload.path)
+        return super().preprocess(payload)
+
+    def get_block_name(self) -> str:
+        """Render with the built-in image frontend."""
+        return "image"
+
+
+def _model_panel(m: ModelManager, devices: list[str]) -> tuple[gr.Markdown, dict]:
+    status = gr.Markdown(m.status(), elem_id="model-status")
+    with gr.Accordion("Model", open=False, elem_id="model-panel"):
+        with gr.Row():
+            key = gr.Dropdown(h.model_choices(), value=m.key, label="Model", scale=2)
+            device = gr.Dropdown(devices, value=m.device, label="Device")
+            dtype = gr.Dropdown(list(DTYPES), value=m.dtype_name, label="Dtype")
+        with gr.Row():
+            path = gr.Textbox(label="…or a checkpoint path (.safetensors / .pt)", scale=2)
+            config = gr.Textbox(label="Config (preset or YAML; empty: from the file)")
+        info = gr.Markdown()
+        with gr.Row():
+            load_btn = gr.Button("Load", variant="primary")
+            download_btn = gr.Button("Download official weights", interactive=False)
+            warm_btn = gr.Button("Compile attention (warm-up)")
+        dl_status = gr.Markdown()
+    key.change(h.model_info, key, [info, download_btn], api_visibility="private")
+    load_btn.click(
+        h.load_model,
+        [key, path, config, device, dtype],
+        [status, key],
+        api_name="load_model",
+        concurrency_id="gpu",
+    )
+    download_btn.click(
+        h.download_model, key, dl_status, api_visibility="private", concurrency_limit=1
+    )
+    warm_btn.click(h.warm_up, None, status, api_visibility="private", concurrency_id="gpu")
+    return status, {"key": key}
+
+
+def _image_tab(max_side_limit: int) -> dict:
+    with gr.Row():
+        with gr.Column():
+            image = UploadImage(
+                type="filepath",
+                label="Image (upload, paste or webcam)",
+                sources=["upload", "clipboard", "webcam"],
+                elem_id="image-input",
+            )
+            gr.Examples(EXAMPLE_IMAGES, image, label="Examples (assets/examples)")
+            with gr.Row():
+                max_side = gr.Slider(0, max_side_limit, 256, step=16, label="Max side (0 = keep)")
+                tokens = gr.Radio([h.CONTINUOUS, h.DISCRETE], value=h.CONTINUOUS, label="Tokens")
+            with gr.Accordion("Sampling", open=False):
+                latent_mode = gr.Radio(
+                    ["mean", "sample"],
+                    value="mean",
+                    label="Continuous latent: posterior mean or a sample",
+                )
+                seed = gr.Number(0, precision=0, label="Seed")
+                temperature = gr.Slider(0, 3, 1, step=0.05, label="Temperature")
+            run = gr.Button("Reconstruct", variant="primary", elem_id="image-run")
+        with gr.Column():
+            preview = gr.Image(
+                label="Model input (cropped to the 16-px grid)",
+                format=PNG,
+                interactive=False,
+                elem_id="image-preview",
+            )
+            preview_info = gr.Markdown()
+    with gr.Row():
+        slider = gr.ImageSlider(
+            label="Original | reconstruction (scroll or pinch to zoom)",
+            format=PNG,
+            elem_id="image-slider",
+        )
+        heat = gr.Image(
+            label="Error heatmap (brighter = larger error)",
+            format=PNG,
+            interactive=False,
+            elem_id="image-heatmap",
+        )
+    with gr.Row():
+        metrics = gr.JSON(label="Metrics (computed on the server arrays)", elem_id="image-metrics")
+        files = gr.File(
+            label="Downloads: reconstruction, cropped input, tokens",
+            file_count="multiple",
+            elem_id="image-files",
+        )
+    gr.Markdown("## Latent view")
+    with gr.Accordion("How to read this", open=False):
+        gr.Markdown(HOW_TO_READ)
+    with gr.Row():
+        pca = gr.Image(
+            label="PCA of the latent tokens as RGB",
+            format=PNG,
+            interactive=False,
+            elem_id="latent-pca",
+        )
+        maps = gr.Image(
+            label="Per-channel maps", format=PNG, interactive=False, elem_id="latent-maps"
+        )
+    pca_info = gr.Markdown()
+    with gr.Row():
+        hist = gr.Plot(label="Value histograms", elem_id="latent-hist")
+        scatter = gr.Plot(label="Tokens in PCA space", elem_id="latent-scatter")
+    with gr.Row():
+        usage = gr.Plot(label="FSQ code usage", visible=False, elem_id="latent-usage")
+        pooled = gr.Plot(label="Pooled feature", elem_id="latent-pooled")
+    return locals()
+
+
+def _video_tab(limits: h.Limits) -> dict:
+    lim = limits.video
+    with gr.Row():
+        with gr.Column():
+            video = gr.Video(
+                label="Video (mp4, webm, mov, gif)",
+                sources=["upload"],
+                include_audio=True,
+                elem_id="video-input",
+            )
+            gr.Examples(EXAMPLE_VIDEOS, video, label="Examples")
+            gr.Markdown(
+                f"Limits: {lim.max_duration:.0f} s, {lim.max_frames} frames after the stride, "
+                f"{lim.max_side} px per side (set a max side to downscale), "
+                f"{limits.video_bytes // 2**20} MB."
+            )
+            with gr.Row():
+                stride = gr.Slider(1, 8, 1, step=1, label="Frame stride")
+                max_side = gr.Slider(0, limits.max_side, 256, step=16, label="Max side (0 = keep)")
+                max_frames = gr.Slider(0, lim.max_frames, 64, step=4, label="Max frames (0 = all)")
+            tokens = gr.Radio([h.CONTINUOUS, h.DISCRETE], value=h.CONTINUOUS, label="Tokens")
+            run = gr.Button("Reconstruct video", variant="primary", elem_id="video-run")
+        with gr.Column():
+            side = gr.Video(
+                label="Original | reconstruction (one synced video)",
+                elem_id="video-side",
+                autoplay=True,
+                loop=True,
+            )
+            pca = gr.Video(label="Latent PCA video", elem_id="video-pca", loop=True)
+    with gr.Row():
+        psnr = gr.Plot(label="PSNR per frame", elem_id="video-psnr")
+        with gr.Column():
+            metrics = gr.JSON(label="Metrics", elem_id="video-metrics")
+            files = gr.File(label="Downloads", file_count="multiple", elem_id="video-files")
+    return locals()
+
+
+def _asset_tab() -> dict:
+    gr.Markdown(
+        "Mesh -> multiview renders -> 64³ voxels -> AToken tokens -> 3D Gaussians (.ply). "
+        "Formats: .glb .gltf .obj .ply .stl .off, or a .zip with textures."
+    )
+    with gr.Row():
+        with gr.Column():
+            mesh = gr.File(label="Mesh", file_types=sorted(MESH_EXTENSIONS), elem_id="mesh-input")
+            gr.Examples(EXAMPLE_MESHES, mesh, label="Examples (assets/meshes)")
+            with gr.Row():
+                views = gr.Slider(4, 64, 16, step=4, label="Views")
+                resolution = gr.Slider(128, 512, 256, step=64, label="Render resolution")
+            run = gr.Button("Reconstruct 3D", variant="primary", elem_id="mesh-run")
+        # Hidden until the tab is on screen: Model3D collapses when first drawn in a hidden tab.
+        input_view = gr.Model3D(
+            label="Input (normalised)",
+            visible=False,
+            elem_id="mesh-view",
+            clear_color=(0.9, 0.9, 0.9, 1.0),
+        )
+        output_view = gr.Model3D(
+            label="Reconstructed Gaussians (.ply)",
+            visible=False,
+            elem_id="gs-view",
+            clear_color=(0.9, 0.9, 0.9, 1.0),
+        )
+    with gr.Row():
+        turntable = gr.Video(
+            label="Turntable: input | reconstruction",
+            elem_id="mesh-turntable",
+            autoplay=True,
+            loop=True,
+        )
+        with gr.Column():
+            metrics = gr.JSON(
+                label="3D metrics (PSNR / SSIM over rendered views)", elem_id="mesh-metrics"
+            )
+            files = gr.File(label="Downloads", file_count="multiple", elem_id="mesh-files")
+    return locals()
+
+
+def _zeroshot_tab() -> dict:
+    gr.Markdown(
+        "Score typed labels against the pooled feature of a result from another tab "
+        "or of a new upload (image, video or mesh)."
+    )
+    with gr.Row():
+        with gr.Column():
+            source = gr.Radio(
+                [h.FROM_IMAGE, h.FROM_VIDEO, h.FROM_3D, h.NEW_UPLOAD],
+                value=h.NEW_UPLOAD,
+                label="Item",
+                elem_id="zs-source",
+            )
+            upload = gr.File(
+                label="New upload",
+                elem_id="zs-upload",
+                file_types=sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS | MESH_EXTENSIONS),
+            )
+            preset = gr.Dropdown(
+                list(h.LABEL_PRESETS), value="everyday things", label="Label presets"
+            )
+            labels = gr.Textbox(
+                h.LABEL_PRESETS["everyday things"],
+                lines=3,
+                label="Labels (comma or newline separated)",
+                elem_id="zs-labels",
+            )
+            kind = gr.Radio(
+                ["sigmoid", "softmax"],
+                value="sigmoid",
+                label="Probabilities: per label (SigLIP sigmoid) or softmax",
+            )
+            run = gr.Button("Classify", variant="primary", elem_id="zs-run")
+        with gr.Column():
+            plot = gr.Plot(label="Probabilities", elem_id="zs-plot")
+            label = gr.Label(label="Top labels", num_top_classes=5, elem_id="zs-label")
+    return locals()
+
+
+def _generation_tab() -> dict:
+    gr.Markdown("Works on the latent of the last image reconstructed in the image tab.")
+    with gr.Tab("Interpolation"), gr.Row():
+        with gr.Column():
+            image_b = UploadImage(
+                type="filepath",
+                label="Image B",
+                sources=["upload", "clipboard"],
+                elem_id="interp-b",
+            )
+            gr.Examples(EXAMPLE_IMAGES, image_b, label="Examples")
+            steps = gr.Slider(2, 32, 8, step=1, label="Steps")
+            mode = gr.Radio(["slerp", "lerp"], value="slerp", label="Path")
+            interp = gr.Button(
+                "Interpolate", variant="primary", interactive=False, elem_id="interp-run"
+            )
+        with gr.Column():
+            interp_video = gr.Video(
+                label="A -> B -> A", autoplay=True, loop=True, elem_id="interp-video"
+            )
+            interp_gallery = gr.Gallery(
+                label="Steps", format=PNG, columns=4, elem_id="interp-gallery"
+            )
+    with gr.Tab("Posterior variations"), gr.Row():
+        with gr.Column():
+            n = gr.Slider(1, 8, 4, step=1, label="Samples")
+            temperature = gr.Slider(0, 3, 1, step=0.05, label="Temperature")
+            seed = gr.Number(
+                0, precision=0, label="Seed (written back after each run)", elem_id="var-seed"
+            )
+            new_seed = gr.Checkbox(True, label="Draw a new seed each run")
+            vary = gr.Button("Sample", variant="primary", interactive=False, elem_id="var-run")
+        gallery = gr.Gallery(label="Samples", format=PNG, columns=4, elem_id="var-gallery")
+    with gr.Tab("Token editing (FSQ)"):
+        edit_note = gr.Markdown()
+        with gr.Row():
+            with gr.Column():
+                editor = gr.ImageEditor(
+                    type="numpy",
+                    label="Paint the region to change",
+                    sources=[],
+                    transforms=[],
+                    layers=False,
+                    format=PNG,
+                    brush=gr.Brush(colors=["#ff00ff"], default_size=24),
+                    elem_id="edit-canvas",
+                )
+                source = gr.Radio(
+                    [h.RANDOM_CODES, h.OTHER_IMAGE], value=h.RANDOM_CODES, label="New codes"
+                )
+                other = UploadImage(type="filepath", label="Other image", sources=["upload"])
+                edit_seed = gr.Number(0, precision=0, label="Seed for random codes")
+                edit = gr.Button(
+                    "Swap codes and decode",
+                    variant="primary",
+                    interactive=False,
+                    elem_id="edit-run",
+                )
+            edited = gr.ImageSlider(
+                label="Reconstruction | edited", format=PNG, elem_id="edit-slider"
+            )
+    return locals()
+
+
+def build_demo(m: ModelManager, limits: h.Limits | None = None) -> gr.Blocks:
+    """The whole app for one model manager."""
+    h.configure(m, limits)
+    limits = h.LIMITS
+    devices = ["cpu", *(["cuda"] if _cuda() else [])]
+    with gr.Blocks(title="AToken demo", delete_cache=(1800, 3600)) as demo:
+        gr.Markdown(INTRO)
+        status, _ = _model_panel(m, devices)
+        image_st, video_st, asset_st = gr.State(None), gr.State(None), gr.State(None)
+        with gr.Tabs():
+            with gr.Tab("Image", id="image"):
+                im = _image_tab(limits.max_side)
+            with gr.Tab("Video", id="video"):
+                vi = _video_tab(limits)
+            with gr.Tab("3D", id="3d") as tab3d:
+                a3 = _asset_tab()
+            with gr.Tab("Zero-shot", id="zeroshot"):
+                zs = _zeroshot_tab()
+            with gr.Tab("Generation", id="generation"):
+                ge = _generation_tab()
+        _wire(demo, status, im, vi, a3, tab3d, zs, ge, image_st, video_st, asset_st)
+    return demo
+
+
+def _wire(demo, status, im, vi, a3, tab3d, zs, ge, image_st, video_st, asset_st) -> None:
+    gpu = {"concurrency_id": "gpu"}
+    private = {"api_visibility": "private"}
+    # image
+    for trigger in (im["image"].change, im["max_side"].release):
+        trigger(
+            h.preview_image,
+            [im["image"], im["max_side"]],
+            [im["preview"], im["preview_info"]],
+            **private,
+        )
+    im["run"].click(
+        h.reconstruct_image_handler,
+        [
+            im["image"],
+            im["max_side"],
+            im["tokens"],
+            im["latent_mode"],
+            im["seed"],
+            im["temperature"],
+        ],
+        [im["slider"], im["heat"], im["metrics"], im["files"], image_st],
+        api_name="reconstruct_image",
+        validator=h.validate_image,
+        **gpu,
+    ).success(
+        h.latent_view,
+        image_st,
+        [
+            im["pca"],
+            im["maps"],
+            im["hist"],
+            im["usage"],
+            im["pooled"],
+            im["scatter"],
+            im["pca_info"],
+        ],
+        **private,
+    ).then(
+        h.after_image,
+        image_st,
+        [ge["interp"], ge["vary"], ge["edit"], ge["editor"], ge["edit_note"]],
+        **private,
+    )
+    # video
+    vi["run"].click(
+        h.reconstruct_video_handler,
+        [vi["video"], vi["stride"], vi["max_side"], vi["max_frames"], vi["tokens"]],
+        [vi["side"], vi["psnr"], vi["pca"], vi["metrics"], vi["files"], video_st],
+        api_name="reconstruct_video",
+        validator=h.validate_video,
+        **gpu,
+    )
+    # 3D
+    tab3d.select(h.show_viewers, None, [a3["input_view"], a3["output_view"]], **private)
+    a3["mesh"].change(h.preview_mesh, a3["mesh"], a3["input_view"], **private)
+    a3["run"].click(
+        h.reconstruct_3d_handler,
+        [a3["mesh"], a3["views"], a3["resolution"]],
+        [
+            a3["input_view"],
+            a3["output_view"],
+            a3["turntable"],
+            a3["metrics"],
+            a3["files"],
+            asset_st,
+        ],
+        api_name="reconstruct_3d",
+        validator=h.validate_mesh,
+        **gpu,
+    )
+    # zero-shot
+    zs["preset"].change(h.fill_labels, zs["preset"], zs["labels"], **private)
+    zs["run"].click(
+        h.classify_handler,
+        [zs["source"], zs["upload"], zs["labels"], zs["kind"], image_st, video_st, asset_st],
+        [zs["plot"], zs["label"]],
+        api_name="classify",
+        validator=h.validate_upload,
+        **gpu,
+    )
+    # generation
+    ge["interp"].click(
+        h.interpolate_handler,
+        [ge["image_b"], ge["steps"], ge["mode"], image_st],
+        [ge["interp_video"], ge["interp_gallery"]],
+        api_name="interpolate",
+        **gpu,
+    )
+    ge["vary"].click(
+        h.variations_handler,
+        [ge["n"], ge["temperature"], ge["seed"], ge["new_seed"], image_st],
+        [ge["gallery"], ge["seed"]],
+        api_name="variations",
+        **gpu,
+    )
+    ge["edit"].click(
+        h.edit_handler,
+        [ge["editor"], ge["source"], ge["other"], ge["edit_seed"], image_st],
+        ge["edited"],
+        api_name="edit_tokens",
+        **gpu,
+    )
+    demo.load(h.status, None, status, **private)
+    demo.unload(cleanup_session)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

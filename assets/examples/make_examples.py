@@ -1,0 +1,54 @@
+"""Write the example images and video of this folder from scikit-image's bundled photos.
+
+python assets/examples/make_examples.py
+
+astronaut (NASA, public domain), chelsea the cat and coffee (CC0, Stefan van der Walt /
+Rachel Michetti) ship inside the scikit-image wheel; see assets/LICENSES.md. The video is a
+slow pan and zoom over the astronaut photo, written by this script.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+from PIL import Image
+from skimage import data
+
+HERE = Path(__file__).parent
+MAX_SIDE = 320
+
+
+def small(img: np.ndarray, max_side: int = MAX_SIDE) -> Image.Image:
+    """Lanczos-downscale so the longer side is ``max_side``."""
+    pil = Image.fromarray(img).convert("RGB")
+    s = max_side / max(pil.size)
+    return pil.resize((round(pil.width * s), round(pil.height * s)), Image.LANCZOS)
+
+
+def pan_video(img: np.ndarray, path: Path, frames: int = 32, size: int = 128) -> None:
+    """A slow diagonal pan with a gentle zoom over ``img``, as an H.264 mp4."""
+    h, w = img.shape[:2]
+    writer = imageio_ffmpeg.write_frames(
+        str(path), (size, size), fps=12, quality=8, pix_fmt_out="yuv420p", macro_block_size=16
+    )
+    writer.send(None)
+    for i in range(frames):
+        t = i / (frames - 1)
+        side = int(min(h, w) * (0.75 - 0.2 * t))
+        top, left = int((h - side) * 0.2 * t), int((w - side) * (0.1 + 0.5 * t))
+        crop = Image.fromarray(img[top : top + side, left : left + side])
+        writer.send(np.asarray(crop.resize((size, size), Image.LANCZOS)))
+    writer.close()
+
+
+def main() -> None:
+    small(data.astronaut()).save(HERE / "astronaut.png", optimize=True)
+    small(data.chelsea()).save(HERE / "chelsea.png", optimize=True)
+    small(data.coffee()).save(HERE / "coffee.png", optimize=True)
+    pan_video(data.astronaut(), HERE / "astronaut_pan.mp4")
+
+
+if __name__ == "__main__":
+    main()

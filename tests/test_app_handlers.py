@@ -1,0 +1,430 @@
+"""App handlers called directly (no server, no browser) on the untrained random-tiny model."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app import handlers as h
+from app import models
+from app.models import ModelManager, sibling_key
+from app.session import cleanup_session, friendly, run_dir, session_root
+from atoken.media import read_image
+from atoken.pipeline import decode_file
+from atoken.visualize import code_usage
+from tests.app_support import (
+    EXAMPLES,
+    MESHES,
+    PIPELINE3D_REASON,
+    broken_glb,
+    huge_png,
+    long_video,
+    pipeline3d_missing,
+    small_limits,
+    text_as_png,
+    truncated_jpeg,
+    video_without_frames,
+)
+
+ASTRONAUT = str(EXAMPLES / "astronaut.png")
+CHELSEA = str(EXAMPLES / "chelsea.png")
+VIDEO = str(EXAMPLES / "astronaut_pan.mp4")
+
+
+class Req:
+    """Stands in for gr.Request: only the session hash is used."""
+
+    def __init__(self, sid: str):
+        self.session_hash = sid
+
+
+@pytest.fixture(scope="module")
+def manager():
+    previous = (h.M, h.LIMITS)
+    m = ModelManager("random-tiny")
+    h.configure(m, small_limits())
+    yield m
+    h.M, h.LIMITS = previous
+
+
+def _valid(results: list) -> list[bool]:
+    return [r["is_valid"] for r in results]
+
+
+def _message(results: list) -> str:
+    return " ".join(r.get("message", "") for r in results if not r["is_valid"])
+
+
+@pytest.fixture(scope="module")
+def image_result(manager):
+    return h.reconstruct_image_handler(ASTRONAUT, 128, h.CONTINUOUS, "mean", 0, 1.0, Req("img"))
+
+
+@pytest.fixture(scope="module")
+def discrete_result(manager):
+    return h.reconstruct_image_handler(ASTRONAUT, 96, h.DISCRETE, "mean", 0, 1.0, Req("img"))
+
+
+def test_status_says_loudly_that_the_model_is_untrained(manager):
+    text = h.status()
+    assert "UNTRAINED" in text and "random-tiny" in text and "random weights" in text
+    assert manager.is_random
+
+
+def test_preview_shows_the_cropped_model_input(manager):
+    img, info = h.preview_image(ASTRONAUT, 100)
+    assert img.shape[0] % 16 == 0 and img.shape[1] % 16 == 0 and max(img.shape[:2]) <= 100
+    assert f"{img.shape[0] * img.shape[1] // 256} tokens" in info
+    assert h.preview_image(None, 100) == (None, "")
+
+
+def test_reconstruct_image_outputs(manager, image_result):
+    (orig, rec), heat, metrics, files, state = image_result
+    assert orig.shape == rec.shape == heat.shape and orig.dtype == rec.dtype == np.uint8
+    assert max(orig.shape[:2]) <= 128 and orig.shape[0] % 16 == 0
+    grid = (orig.shape[0] // 16, orig.shape[1] // 16)
+    assert metrics["tokens"] == grid[0] * grid[1] == len(state["coords"])
+    assert metrics["grid"] == list(grid) and metrics["latent_shape"] == [metrics["tokens"], 16]
+    assert 0 < metrics["psnr"] < 60 and -1 <= metrics["ssim"] <= 1 and metrics["compression"] > 1
+    assert metrics["mode"] == "mean" and metrics["model"] == "random-tiny"
+    names = sorted(p.rsplit("/", 1)[1] for p in files)
+    assert names == ["original.png", "reconstruction.png", "tokens.safetensors"]
+    rec_png = next(p for p in files if p.endswith("reconstruction.png"))
+    np.testing.assert_array_equal(read_image(rec_png), rec)  # lossless download
+    tokens = next(p for p in files if p.endswith(".safetensors"))
+    decoded = decode_file(manager.model, tokens, rec_png.replace(".png", "_decoded.png"))
+    np.testing.assert_array_equal(read_image(decoded), rec)
+    assert state["indices"] is None and state["pooled"].shape == (1, 384)
+    assert all(
+        isinstance(v, np.ndarray) for k, v in state.items() if k in ("mean", "coords", "latent")
+    )
+
+
+def test_sampled_latent_depends_on_the_seed(manager, image_result):
+    rec = image_result[0][1]
+    s1 = h.reconstruct_image_handler(ASTRONAUT, 128, h.CONTINUOUS, "sample", 1, 1.0, Req("s"))
+    s1b = h.reconstruct_image_handler(ASTRONAUT, 128, h.CONTINUOUS, "sample", 1, 1.0, Req("s"))
+    s2 = h.reconstruct_image_handler(ASTRONAUT, 128, h.CONTINUOUS, "sample", 2, 1.0, Req("s"))
+    np.testing.assert_array_equal(s1[0][1], s1b[0][1])
+    assert not np.array_equal(s1[0][1], s2[0][1]) and not np.array_equal(s1[0][1], rec)
+    assert s1[2]["mode"] == "sample"
+
+
+def test_discrete_switch_uses_the_fsq_sibling(manager, discrete_result):
+    (_, rec), _, metrics, _, state = discrete_result
+    assert sibling_key("random-tiny", True) == "random-tiny-d"
+    assert metrics["mode"] == "fsq" and metrics["model"] == "random-tiny-d"
+    assert state["discrete"] and state["indices"].shape == (metrics["tokens"], 8)
+    assert metrics["compression"] == pytest.approx(rec.size * 8 / (metrics["tokens"] * 8 * 12))
+
+
+def test_latent_view_figures(manager, image_result, discrete_result):
+    pca, maps, hist, usage, pooled, scatter, info = h.latent_view(image_result[4])
+    assert pca.shape == image_result[0][0].shape and pca.dtype == np.uint8
+    assert maps.ndim == 2 and maps.dtype == np.uint8
+    assert hist.data[0].x.size == image_result[4]["latent"].size  # all values histogrammed
+    assert usage["visible"] is False and "explain" in info
+    assert len(pooled.data[0].y) == 384 and len(scatter.data[0].x) == image_result[2]["tokens"]
+    d_usage = h.latent_view(discrete_result[4])[3]
+    assert d_usage["visible"] is True
+    distinct = np.array(d_usage["value"].data[0].y)
+    expected, _ = code_usage(torch.from_numpy(discrete_result[4]["indices"]), 4096)
+    np.testing.assert_array_equal(distinct, expected)
+    with pytest.raises(gr.Error, match="Reconstruct an image first"):
+        h.latent_view(None)
+
+
+def test_code_usage_counts_and_perplexity():
+    idx = torch.tensor([[0, 5], [0, 6], [1, 7], [1, 8]])
+    distinct, perplexity = code_usage(idx, 16)
+    assert distinct.tolist() == [2, 4]
+    np.testing.assert_allclose(perplexity, [2.0, 4.0])  # uniform over 2 and 4 codes
+    with pytest.raises(ValueError, match="indices must lie"):
+        code_usage(torch.tensor([[16]]), 16)
+
+
+def test_follow_up_buttons_enable_after_reconstruction(image_result, discrete_result):
+    interp, vary, edit, editor, note = h.after_image(None)
+    assert not interp["interactive"] and not vary["interactive"] and not edit["interactive"]
+    interp, vary, edit, editor, note = h.after_image(image_result[4])
+    assert interp["interactive"] and vary["interactive"] and not edit["interactive"]
+    assert "discrete" in note
+    *_, edit, editor, note = h.after_image(discrete_result[4])
+    assert edit["interactive"] and editor["value"]["background"].shape[2] == 3 and note == ""
+
+
+@pytest.mark.parametrize("make", [text_as_png, truncated_jpeg, huge_png])
+def test_bad_images_get_readable_messages_and_the_next_request_works(manager, tmp_path, make):
+    bad = str(make(tmp_path))
+    checks = h.validate_image(bad, 128, h.CONTINUOUS, "mean", 0, 1.0)
+    assert _valid(checks) == [False] + [True] * 5
+    message = _message(checks)
+    assert any(w in message for w in ("not an image", "truncated", "too large")), message
+    with pytest.raises(gr.Error) as err:
+        h.reconstruct_image_handler(bad, 128, h.CONTINUOUS, "mean", 0, 1.0, Req("bad"))
+    assert "Traceback" not in err.value.message and len(err.value.message) < 400
+    with pytest.raises(gr.Error, match="not an image|truncated|too large"):
+        h.preview_image(bad, 128)
+    good = h.reconstruct_image_handler(CHELSEA, 64, h.CONTINUOUS, "mean", 0, 1.0, Req("bad"))
+    assert good[2]["tokens"] > 0
+
+
+def test_validate_image_accepts_examples_and_checks_max_side(manager):
+    assert all(_valid(h.validate_image(ASTRONAUT, 256, h.CONTINUOUS, "mean", 0, 1.0)))
+    assert _valid(h.validate_image(None, 256))[0] is False
+    assert _valid(h.validate_image(ASTRONAUT, 5000)) == [True, False]
+
+
+def test_friendly_errors_never_show_tracebacks():
+    @friendly
+    def boom():
+        raise KeyError("internal")
+
+    with pytest.raises(gr.Error) as err:
+        boom()
+    assert "still running" in err.value.message and "KeyError" in err.value.message
+
+    @friendly
+    def bad_value():
+        raise ValueError("/tmp/gradio/0123456789abcdef0123/x.png is damaged")
+
+    with pytest.raises(gr.Error) as err:
+        bad_value()
+    assert err.value.message == "x.png is damaged"
+
+
+def test_video_outputs_and_state(manager):
+    side, psnr, pca, metrics, files, state = h.reconstruct_video_handler(
+        VIDEO, 2, 96, 12, h.CONTINUOUS, Req("vid")
+    )
+    assert metrics["frames"] == 12 and metrics["fps"] == 6.0
+    assert len(psnr.data[0].y) == 12 and all(0 < v < 60 for v in psnr.data[0].y)
+    assert side.endswith("side_by_side.mp4") and pca.endswith("latent_pca.mp4")
+    assert sorted(f.rsplit("/", 1)[1] for f in files) == [
+        "latent_pca.mp4",
+        "original.mp4",
+        "reconstruction.mp4",
+        "side_by_side.mp4",
+    ]
+    from atoken.media import probe_video
+
+    info = probe_video(side)
+    w, hgt = metrics["size"]
+    assert info.num_frames == 12 and info.width >= 2 * w and info.height == hgt
+    assert state["kind"] == "video" and state["pooled"].shape == (1, 384)
+
+
+def test_bad_videos_are_refused_before_the_model_runs(manager, tmp_path):
+    empty = str(video_without_frames(tmp_path))
+    checks = h.validate_video(empty, 1, 128, 0, h.CONTINUOUS)
+    assert _valid(checks)[0] is False and "no_frames.mp4" in _message(checks)
+    too_long = str(long_video(tmp_path))
+    assert "the limit is 20 s" in _message(h.validate_video(too_long, 1, 128, 0, h.CONTINUOUS))
+    many = h.validate_video(VIDEO, 1, 128, 0, h.CONTINUOUS)
+    assert all(_valid(many))  # 32 frames <= 64
+    h.LIMITS.video.max_frames = 16
+    try:
+        msg = _message(h.validate_video(VIDEO, 1, 128, 0, h.CONTINUOUS))
+        assert "32 frames after stride 1; the limit is 16" in msg
+        assert all(_valid(h.validate_video(VIDEO, 2, 128, 0, h.CONTINUOUS)))
+    finally:
+        h.LIMITS.video.max_frames = 64
+    with pytest.raises(gr.Error, match="no_frames.mp4"):
+        h.reconstruct_video_handler(empty, 1, 128, 0, h.CONTINUOUS, Req("vid"))
+    ok = h.reconstruct_video_handler(VIDEO, 4, 64, 4, h.CONTINUOUS, Req("vid"))
+    assert ok[3]["frames"] == 4
+
+
+def test_mesh_validation_and_preview(manager, tmp_path):
+    bad = str(broken_glb(tmp_path))
+    checks = h.validate_mesh(bad, 16, 256)
+    assert _valid(checks) == [False, True, True] and "broken.glb" in _message(checks)
+    with pytest.raises(gr.Error, match="broken.glb"):
+        h.preview_mesh(bad, Req("mesh"))
+    glb = h.preview_mesh(str(MESHES / "duck.glb"), Req("mesh"))
+    assert glb.endswith("input.glb")
+    import trimesh
+
+    bounds = trimesh.load(glb, force="mesh").bounds
+    assert np.allclose((bounds[1] - bounds[0]).max(), 1.0, atol=1e-3)  # normalised to the unit box
+
+
+@pytest.mark.skipif(pipeline3d_missing(), reason=PIPELINE3D_REASON)
+def test_reconstruct_3d_outputs(manager):
+    glb, ply, turntable, metrics, files, state = h.reconstruct_3d_handler(
+        str(MESHES / "duck.glb"), 8, 128, Req("3d")
+    )
+    from atoken.gaussians import Gaussians
+
+    g = Gaussians.load_ply(ply)
+    assert len(g) == metrics["gaussians"] > 0 and metrics["voxels"] > 0
+    assert 0 < metrics["psnr"] < 60 and glb.endswith(".glb")
+    assert turntable is None or turntable.endswith(".mp4")
+    assert state["kind"] == "3d" and state["pooled"].shape[0] == 1
+
+
+def test_classify_from_each_source(manager, image_result, tmp_path):
+    labels = "cat, astronaut, rocket"
+    fig, probs = h.classify_handler(
+        h.FROM_IMAGE, None, labels, "sigmoid", image_result[4], None, None
+    )
+    assert list(fig.data[0].y)[::-1] == list(probs) and set(probs) == {"cat", "astronaut", "rocket"}
+    assert all(0 <= p <= 1 for p in probs.values())
+    _, soft = h.classify_handler(h.NEW_UPLOAD, ASTRONAUT, labels, "softmax", None, None, None)
+    assert sum(soft.values()) == pytest.approx(1.0, abs=1e-5)
+    _, vid = h.classify_handler(
+        h.NEW_UPLOAD, VIDEO, "zooming in, standing still", "sigmoid", None, None, None
+    )
+    assert set(vid) == {"zooming in", "standing still"}
+    with pytest.raises(gr.Error, match="run the reconstruction in the video tab first"):
+        h.classify_handler(h.FROM_VIDEO, None, labels, "sigmoid", None, None, None)
+    with pytest.raises(gr.Error, match="no labels"):
+        h.classify_handler(h.FROM_IMAGE, None, " , ", "sigmoid", image_result[4], None, None)
+    with pytest.raises(gr.Error, match="at most 200"):
+        many = ", ".join(f"label {i}" for i in range(500))
+        h.classify_handler(h.FROM_IMAGE, None, many, "sigmoid", image_result[4], None, None)
+    bad = str(text_as_png(tmp_path))
+    checks = h.validate_upload(h.NEW_UPLOAD, bad, labels, "sigmoid", None, None, None)
+    assert _valid(checks)[1] is False and "not an image" in _message(checks)
+    assert h.fill_labels("motion").startswith("moving left")
+
+
+def test_interpolation_from_the_image_state(manager, image_result):
+    state = image_result[4]
+    video, gallery = h.interpolate_handler(CHELSEA, 5, "slerp", state, Req("gen"))
+    assert video.endswith(".mp4") and len(gallery) == 5
+    assert all(f.shape == state["original"].shape for f, _ in gallery)
+    np.testing.assert_array_equal(gallery[0][0], state["reconstruction"])
+    assert gallery[-1][1] == "t = 1.00"
+    from atoken.media import probe_video
+
+    assert probe_video(video).num_frames == 10  # A -> B -> A
+    with pytest.raises(gr.Error, match="run the reconstruction in the image tab first"):
+        h.interpolate_handler(CHELSEA, 5, "slerp", None, Req("gen"))
+    with pytest.raises(gr.Error, match="second image"):
+        h.interpolate_handler(None, 5, "slerp", state, Req("gen"))
+
+
+def test_variations_write_the_seed_back(manager, image_result):
+    state = image_result[4]
+    gallery, seed = h.variations_handler(3, 1.0, 0, True, state)
+    assert len(gallery) == 3 and isinstance(seed, int) and gallery[1][1] == f"seed {seed + 1}"
+    again, same = h.variations_handler(3, 1.0, seed, False, state)
+    assert same == seed
+    for (a, _), (b, _) in zip(gallery, again):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_token_editing(manager, image_result, discrete_result):
+    state = discrete_result[4]
+    h_, w_ = state["original"].shape[:2]
+    layer = np.zeros((h_, w_, 4), np.uint8)
+    layer[:16, :32, 3] = 255  # paint two tokens
+    editor = {"background": state["original"], "layers": [layer], "composite": None}
+    rec, edited = h.edit_handler(editor, h.RANDOM_CODES, None, 3, state)
+    np.testing.assert_array_equal(rec, state["reconstruction"])
+    assert edited.shape == rec.shape and not np.array_equal(edited, rec)
+    same = h.edit_handler(editor, h.OTHER_IMAGE, ASTRONAUT, 0, state)[1]
+    np.testing.assert_array_equal(same, rec)  # its own codes: nothing changes
+    with pytest.raises(gr.Error, match="Paint over"):
+        h.edit_handler(
+            {"background": None, "layers": [], "composite": None}, h.RANDOM_CODES, None, 0, state
+        )
+    with pytest.raises(gr.Error, match="discrete tokens"):
+        h.edit_handler(editor, h.RANDOM_CODES, None, 0, image_result[4])
+
+
+def test_model_panel_switches_models_and_refuses_stale_state(manager, image_result):
+    info, button = h.model_info("so-c")
+    assert "Licence" in info and button["interactive"] is True  # not in the cache here
+    assert h.model_info("random-tiny-d")[1]["interactive"] is False
+    keys = [k for _, k in h.model_choices()]
+    assert {"atoken-tiny", "so-c", "random-tiny", "random-tiny-d"} <= set(keys)
+    with pytest.raises(gr.Error, match="not in the cache"):
+        h.load_model("so-c", "", "", "cpu", "float32")
+    try:
+        text, dropdown = h.load_model("random-tiny-d", "", "", "cpu", "float32")
+        assert "random-tiny-d" in text and dropdown["value"] == "random-tiny-d"
+        assert manager.model.is_discrete
+        with pytest.raises(gr.Error, match="model changed"):
+            h.variations_handler(1, 1.0, 0, False, image_result[4])
+    finally:
+        h.load_model("random-tiny", "", "", "cpu", "float32")
+
+
+def test_custom_checkpoint_path(manager, tmp_path):
+    from atoken.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(
+        models.build("random-tiny", "cpu", torch.float32), tmp_path / "m.safetensors"
+    )
+    try:
+        with pytest.raises(gr.Error, match="no config"):
+            h.load_model("random-tiny", str(ckpt), "", "cpu", "float32")
+        bad_ckpt = save_checkpoint(
+            models.build("random-tiny-d", "cpu", torch.float32), tmp_path / "d.safetensors"
+        )
+        with pytest.raises(gr.Error, match="does not match"):
+            h.load_model("random-tiny", str(bad_ckpt), "tiny-c", "cpu", "float32")
+    finally:
+        h.load_model("random-tiny", "", "", "cpu", "float32")
+
+
+def test_download_button_fetches_into_the_cache(manager, tmp_path, monkeypatch):
+    payload = b"x" * 300_000
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("ATOKEN_BASE_URL", f"http://127.0.0.1:{server.server_port}/")
+    monkeypatch.setenv("ATOKEN_HOME", str(tmp_path))
+    seen = []
+    try:
+        message = h.download_model("so-d", progress=lambda *a, **k: seen.append(a))
+    finally:
+        server.shutdown()
+    assert (tmp_path / "atoken-sod.pt").read_bytes() == payload and "Downloaded" in message
+    assert seen and seen[-1][0] == pytest.approx(1.0)
+    assert h.model_info("so-d")[1]["interactive"] is False  # cached now
+
+
+def test_warm_up_falls_back_to_sdpa_when_compiling_fails(monkeypatch):
+    m = ModelManager("random-tiny")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(models, "reconstruct_image", fail)
+    note = m.warm_up()
+    assert m.backend == "sdpa" and "compile failed" in note and "SDPA" in m.status()
+
+
+def test_session_folders_are_removed_on_unload():
+    req = Req("unload-me")
+    folder = run_dir(req, "image")
+    (folder / "x.png").write_bytes(b"1")
+    assert folder.parent == session_root(req)
+    cleanup_session(req)
+    assert not session_root(req).exists()
+
+
+def test_example_assets_have_clear_sizes():
+    for name in ("astronaut.png", "chelsea.png", "coffee.png"):
+        img = Image.open(EXAMPLES / name)
+        assert max(img.size) == 320
