@@ -1,0 +1,76 @@
+"""Command line: reconstruct / encode / decode / models, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from atoken.cli import main
+from atoken.media import read_image, write_video
+
+from .conftest import GOLDEN
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_C = ["--weights", str(GOLDEN / "weights/tiny_c.safetensors"), "--config", "tiny-c"]
+TINY_D = ["--weights", str(GOLDEN / "weights/tiny_d.safetensors"), "--config", "tiny-d"]
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    path = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(
+        path
+    )
+    return path
+
+
+def test_reconstruct_image(image_file, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    assert main(["reconstruct", str(image_file), str(out), *TINY_C]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert read_image(out).shape == (48, 64, 3)
+    assert report["tokens"] == 12 and 0 < report["psnr"] < 60
+
+
+def test_encode_decode_video(tmp_path, capsys):
+    frames = [np.full((32, 32, 3), 8 * i, np.uint8) for i in range(20)]
+    vid = write_video(tmp_path / "v.mp4", frames, fps=8)
+    tok = tmp_path / "t.safetensors"
+    assert main(["encode", str(vid), str(tok), *TINY_D]) == 0
+    assert main(["decode", str(tok), str(tmp_path / "d.mp4"), *TINY_D]) == 0
+    from atoken.media import probe_video
+
+    assert probe_video(tmp_path / "d.mp4").num_frames == 20
+    out = tmp_path / "r.mp4"
+    assert main(["reconstruct", str(vid), str(out), "--stride", "2", *TINY_D]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["frames"] == 8 and out.exists()  # 10 frames after stride -> 8 (multiple of 4)
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_text("nope")
+    assert main(["reconstruct", str(bad), str(tmp_path / "o.png"), *TINY_C]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "not an image" in err and "Traceback" not in err
+    assert main(["reconstruct", str(tmp_path / "x.txt"), "o.png", *TINY_C]) == 2
+    assert "unsupported file type" in capsys.readouterr().err
+
+
+def test_models_and_module_entry_point():
+    proc = subprocess.run(
+        [sys.executable, "-m", "atoken", "models"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 0
+    names = [line.split()[0] for line in proc.stdout.splitlines()]
+    assert {"so-c", "so-d", "so-c-s1", "so-c-s2", "gs", "atoken-tiny"} <= set(names)

@@ -1,0 +1,67 @@
+"""load_pretrained: bundled and cached official checkpoints, clear errors, downloads."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import atoken
+from atoken.hub import available_models, load_pretrained, locate
+
+from .conftest import GOLDEN
+
+
+def test_official_from_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATOKEN_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not in the cache"):
+        load_pretrained("so-c")
+    # a file in the cache under the official name loads with its preset's structure
+    state = load_file(str(GOLDEN / "weights/tiny_c.safetensors"))
+    torch.save(state, tmp_path / "atoken-soc.pt")
+    monkeypatch.setitem(atoken.config.PRESETS, "so-c", atoken.config.PRESETS["tiny-c"])
+    model = load_pretrained("so-c")
+    assert model.config.latent_channels == 8
+    assert "atoken-soc.pt" in available_models()["so-c"]
+
+
+def test_download_flag_uses_the_downloader(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATOKEN_HOME", str(tmp_path))
+    calls = []
+
+    def fake_download(name, **kw):
+        calls.append(name)
+        dest = tmp_path / "3d_decode_gs.pt"
+        shutil.copy(GOLDEN / "weights/tiny_gs.safetensors", tmp_path / "gs.safetensors")
+        torch.save(load_file(str(tmp_path / "gs.safetensors")), dest)
+        return dest
+
+    monkeypatch.setattr("atoken.hub.download", fake_download)
+    monkeypatch.setitem(atoken.config.PRESETS, "gs", atoken.config.PRESETS["tiny-gs"])
+    gs = load_pretrained("gs", download=True)
+    assert calls == ["gs"] and isinstance(gs, atoken.GaussianDecoder)
+
+
+def test_unknown_and_missing_bundled(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="unknown model"):
+        locate("so-x")
+    monkeypatch.setattr("atoken.hub.ASSETS", tmp_path)
+    with pytest.raises(FileNotFoundError, match="bundled"):
+        locate("atoken-tiny")
+
+
+def test_config_travels_in_safetensors_metadata(tmp_path):
+    import json
+
+    model = atoken.load(None, "tiny-d")
+    path = atoken.save_checkpoint(
+        model,
+        tmp_path / "m.safetensors",
+        metadata={"atoken_config": json.dumps(model.config.to_dict())},
+    )
+    again = atoken.load(path)  # no config argument
+    assert again.config == model.config
+    with pytest.raises(ValueError, match="no config"):
+        atoken.load(atoken.save_checkpoint(model, tmp_path / "plain.safetensors"))
