@@ -21,6 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from atoken.media import (
+    IMAGE_EXTENSIONS,
+    MESH_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    iter_video_frames,
+    probe_video,
+    read_image,
+    resize_max_side,
+)
 from atoken.patchify import to_model_range, tokenize, tokenize_3d
 from atoken.sparse import SparseTensor, cat_sparse
 from atoken.text import TextTower, load_text_tower
@@ -66,11 +75,8 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-VIDEO_SUFFIXES = frozenset({".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v"})
-VOXEL_SUFFIXES = frozenset({".safetensors", ".npz"})
-MESH_SUFFIXES = frozenset({".obj", ".glb", ".gltf", ".ply", ".stl", ".off", ".zip"})
-ITEM_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES | VOXEL_SUFFIXES | MESH_SUFFIXES
+VOXEL_SUFFIXES = frozenset({".safetensors", ".npz"})  # packed 3D assets (feats, coords)
+ITEM_SUFFIXES = frozenset(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS | MESH_EXTENSIONS | VOXEL_SUFFIXES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,52 +503,31 @@ def rank_texts(
 # Files
 
 
-def _downscale(im, max_side: int | None):
-    """Shrink a PIL image so its longer side is at most ``max_side`` (aspect kept)."""
-    from PIL import Image
-
-    if max_side is None or max(im.size) <= max_side:
-        return im
-    s = max_side / max(im.size)
-    return im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.LANCZOS)
-
-
 def load_image(path: str | Path, *, max_side: int | None = 512) -> np.ndarray:
-    """Image file -> float32 ``[H, W, 3]`` in [-1, 1]; alpha composited on white.
+    """Image file -> float32 ``[H, W, 3]`` in [-1, 1] (`atoken.media.read_image`, with limits).
 
     Images larger than ``max_side`` are downscaled (aspect kept) so the token count stays small.
     """
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-            rgba = im.convert("RGBA")
-            im = Image.new("RGB", rgba.size, (255, 255, 255))
-            im.paste(rgba, mask=rgba.getchannel("A"))
-        pixels = np.array(_downscale(im.convert("RGB"), max_side))
+    pixels = np.array(resize_max_side(read_image(path), max_side))  # writable for torch
     return to_model_range(pixels).numpy()
 
 
 def load_video(path: str | Path, *, num_frames: int = 16, max_side: int | None = 512) -> np.ndarray:
-    """Video file -> float32 ``[T, H, W, 3]`` in [-1, 1]: ``num_frames`` evenly spaced frames."""
-    import imageio.v2 as iio
-    from PIL import Image
+    """Video file -> float32 ``[T, H, W, 3]`` in [-1, 1]: ``num_frames`` evenly spaced frames.
 
+    Frames are streamed (`atoken.media.iter_video_frames`); only the chosen ones are kept.
+    """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    with iio.get_reader(str(path), "ffmpeg") as reader:
-        n = reader.count_frames()
-        if n < 1:
-            raise ValueError(f"no frames in video {str(path)!r}")
-        wanted = set(np.linspace(0, n - 1, min(num_frames, n)).round().astype(int).tolist())
-        frames = []
-        for i, frame in enumerate(reader):
-            if i in wanted:
-                im = Image.fromarray(np.asarray(frame)[..., :3])
-                frames.append(np.array(_downscale(im, max_side)))
-            if i >= n - 1:
-                break
+    n = probe_video(path).num_frames
+    wanted = set(np.linspace(0, n - 1, min(num_frames, n)).round().astype(int).tolist())
+    last = max(wanted)
+    frames = []
+    for i, frame in enumerate(iter_video_frames(path, max_side=max_side)):
+        if i in wanted:
+            frames.append(frame)
+        if i >= last:
+            break
     if not frames:
         raise ValueError(f"could not decode frames from {str(path)!r}")
     return to_model_range(np.stack(frames)).numpy()
@@ -557,7 +542,7 @@ def load_voxels(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix in MESH_SUFFIXES:
+    if suffix in MESH_EXTENSIONS:
         from atoken.mesh_render import mesh_to_voxels  # renders views: imported only when used
 
         feats, coords = mesh_to_voxels(path)
@@ -588,11 +573,11 @@ def load_item(
     if not path.is_file():
         raise ValueError(f"no such file: {str(path)!r}")
     suffix = path.suffix.lower()
-    if suffix in IMAGE_SUFFIXES:
+    if suffix in IMAGE_EXTENSIONS:
         return load_image(path, max_side=max_side), "image"
-    if suffix in VIDEO_SUFFIXES:
+    if suffix in VIDEO_EXTENSIONS:
         return load_video(path, num_frames=num_frames, max_side=max_side), "video"
-    if suffix in VOXEL_SUFFIXES | MESH_SUFFIXES:
+    if suffix in VOXEL_SUFFIXES | MESH_EXTENSIONS:
         return load_voxels(path), "3d"
     raise ValueError(
         f"{path.name}: unsupported file type {suffix!r}; expected one of {sorted(ITEM_SUFFIXES)}"
