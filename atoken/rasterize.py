@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
+from torch.nn.functional import threshold_
 
 from atoken.cameras import Camera
 from atoken.gaussians import FILTER_2D, Gaussians
@@ -43,6 +44,7 @@ BACKENDS = ("torch", "gsplat")
 
 # float32 just below 1/255: ``threshold(alpha, _ALPHA_CUT)`` keeps exactly ``alpha >= 1/255``.
 _ALPHA_CUT = float(torch.nextafter(torch.tensor(ALPHA_MIN), torch.tensor(0.0)))
+_POWER_FLOOR = -60.0
 _ELEMENTS_PER_STEP = 1 << 21  # pixel x Gaussian pairs evaluated per vectorised step
 _MAX_K = 512
 
@@ -213,15 +215,22 @@ def _composite(proj: ProjectedGaussians, width: int, height: int) -> tuple[Tenso
     grid_x, grid_y = -(-width // TILE), -(-height // TILE)
     num_tiles = grid_x * grid_y
     num_pix = TILE * TILE
+    # alpha <= opacity, so Gaussians with opacity < 1/255 are never drawn: drop them early.
+    drawable = proj.opacity > _ALPHA_CUT
+    if not bool(drawable.all()):
+        proj = ProjectedGaussians(*(getattr(proj, f.name)[drawable] for f in fields(proj)))
     ids, counts = _tile_lists(proj, num_tiles, grid_x)
     starts = torch.cumsum(counts, 0) - counts
 
     # Per-Gaussian table; the extra last row is a dummy with opacity 0 (always skipped).
     a, b, c = proj.conic.unbind(-1)
+    # Conics that are positive definite with a margin cannot give power > 0 even after float
+    # rounding (the error is ~1e-6 of a dx^2 + c dy^2), so only the others need that check.
+    unsafe = (a <= 0) | (c <= 0) | (b * b >= (1.0 - 1e-4) * a * c)
     table = torch.cat(
         [
             proj.mean2d,
-            torch.stack([-0.5 * a, -b, -0.5 * c, proj.opacity], -1),
+            torch.stack([-0.5 * a, -b, -0.5 * c, proj.opacity, unsafe.float()], -1),
             proj.colors,
             proj.depth[:, None],
         ],
@@ -286,8 +295,9 @@ def _composite_step(
     offs = torch.arange(k, device=tiles.device)
     pos = progress[tiles, None] + offs
     idx = torch.where(pos < counts[tiles, None], starts[tiles, None] + pos, dummy_pos)
-    prm = table[ids[idx]]  # [nt, k, 10]
-    mx, my, na, nb, nc, opac = prm[..., :6].unbind(-1)
+    prm = table[ids[idx]]  # [nt, k, 11]
+    mx, my, na, nb, nc, opac, unsafe = prm[..., :7].unbind(-1)
+    feats = prm[..., 7:]  # rgb, depth
 
     # d = mean - pixel; power = -0.5 (a dx^2 + c dy^2) - b dx dy, split into row/column terms.
     dx = mx[:, None, :] - (tile_x[tiles, None].float() + ramp)[:, :, None]  # [nt, 16x, k]
@@ -298,28 +308,44 @@ def _composite_step(
     power.addcmul_((nb[:, None, :] * dy)[:, :, None, :], dx[:, None, :, :])
     power = power.view(nt, TILE * TILE, k)
 
-    power.masked_fill_(power > 0, -math.inf)  # skip power > 0
+    if bool(unsafe.any()):
+        power.masked_fill_(power > 0, -math.inf)  # skip power > 0
+    # exp() is ~30x slower when it underflows; any power <= -60 gives alpha < 1/255 anyway
+    # (opacity >= 1/255 after the drop above), so flooring it changes no result.
+    threshold_(power, _POWER_FLOOR, _POWER_FLOOR)
     alpha = power.exp_().mul_(opac[:, None, :])
-    torch.nn.functional.threshold_(alpha, _ALPHA_CUT, 0.0)  # skip alpha < 1/255
+    threshold_(alpha, _ALPHA_CUT, 0.0)  # skip alpha < 1/255
     alpha.clamp_max_(ALPHA_MAX)
 
     # Transmittance after each entry, seeded with the pixel's T (0 once it is done), so the
     # products run in the kernel's order: T_k = T_{k-1} (1 - alpha_k).
-    seed = torch.where(done[tiles], 0.0, trans[tiles])  # [nt, 256]
+    done_t, trans_t = done[tiles], trans[tiles]  # [nt, 256]
+    seed = torch.where(done_t, 0.0, trans_t)
     t_after = torch.rsub(alpha, 1.0)
     t_after[..., 0] *= seed
     t_after.cumprod_(-1)
-    stop = t_after < T_MIN  # a suffix: T only decreases
     weight = alpha
     weight[..., 1:] *= t_after[..., :-1]
     weight[..., 0] *= seed
-    weight.masked_fill_(stop, 0.0)
-    accum[tiles] += torch.bmm(weight, prm[..., 6:10])
+    contrib = torch.bmm(weight, feats)  # [nt, 256, 4]
 
-    applied = k - stop.sum(-1)  # entries applied before the stop
-    last = t_after.gather(-1, (applied - 1).clamp_min(0)[..., None])[..., 0]
-    trans[tiles] = torch.where(applied > 0, last, trans[tiles])
-    done[tiles] |= stop[..., -1]
+    # T only decreases, so a pixel stopped inside this step iff its last T is below 1e-4;
+    # only those few pixels need their weights cut at the stop.
+    last = t_after[..., -1]
+    stopped = last < T_MIN
+    new_trans = torch.where(stopped, trans_t, last)
+    fresh = stopped & ~done_t
+    if bool(fresh.any()):
+        ti, pi = fresh.nonzero(as_tuple=True)
+        rows = t_after[ti, pi]  # [S, k]
+        applied = rows >= T_MIN  # a prefix
+        num = applied.sum(-1)
+        contrib[ti, pi] = torch.einsum("sk,skc->sc", weight[ti, pi] * applied, feats[ti])
+        t_stop = rows.gather(-1, (num - 1).clamp_min(0)[:, None])[:, 0]
+        new_trans[ti, pi] = torch.where(num > 0, t_stop, seed[ti, pi])
+    accum[tiles] += contrib
+    trans[tiles] = new_trans
+    done[tiles] = done_t | stopped
 
 
 def _render_torch(

@@ -7,11 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.spatial.transform import Rotation
+
 from atoken import rasterize
 from atoken.cameras import Camera, camera_from_fov, look_at
 from atoken.gaussians import Gaussians
 from atoken.rasterize import project_gaussians, render_gaussians, render_turntable
-from scipy.spatial.transform import Rotation
 
 FOV = math.radians(40.0)
 
@@ -345,6 +346,30 @@ def test_matches_per_pixel_reference(monkeypatch, budget, size):
     drawn = alpha > 1e-3
     torch.testing.assert_close(out.depth[drawn], ref_depth[drawn], atol=1e-3, rtol=1e-4)
     assert float(alpha.mean()) > 0.2
+
+
+def test_needle_gaussians_match_reference():
+    # Long, thin Gaussians along the image diagonal have nearly singular 2D covariances; the
+    # renderer then checks power > 0 explicitly (its fast path assumes a well-conditioned conic).
+    cam = _front_camera(64)
+    angle = math.pi / 8  # quaternion turning x onto the (1, 1) image diagonal
+    quat = [math.cos(angle), 0.0, 0.0, math.sin(angle)]
+    xyz = [[0.0, 0.0, -0.3], [0.05, -0.05, 0.0], [-0.05, 0.05, 0.3]]
+    rgb = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    gs = _gaussians(xyz, rgb, [2.5, 4e-3, 4e-3], 0.9, quat)
+    proj = project_gaussians(gs, cam)
+    a, b, c = proj.conic.unbind(-1)
+    assert bool((b * b >= (1 - 1e-4) * a * c).all())
+    feats = torch.cat([proj.colors, proj.depth[:, None]], 1).numpy()
+    image, _, _, _ = _reference_blend(
+        proj.mean2d.numpy(), proj.conic.numpy(), proj.opacity.numpy(), proj.rect.numpy(),
+        feats, range(3), 64, 64, (0.0, 0.0, 0.0),
+    )  # fmt: skip
+    out = render_gaussians(gs, cam)
+    assert float(out.alpha[10, 10]) > 0.3 and float(out.alpha[10, 53]) == 0.0
+    # power = -0.5 (a dx^2 + c dy^2) - b dx dy cancels catastrophically here (terms ~1e4, result
+    # ~1): float32 evaluation order alone moves alpha by ~1e-4, in the CUDA kernel too.
+    torch.testing.assert_close(out.image, image.clamp(0, 1), atol=3e-4, rtol=0)
 
 
 def test_end_to_end_against_float64_projection():
