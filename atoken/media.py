@@ -108,7 +108,7 @@ def resize_max_side(img: np.ndarray, max_side: int | None) -> np.ndarray:
     h, w = img.shape[:2]
     s = max_side / max(h, w)
     size = (max(16, round(w * s)), max(16, round(h * s)))
-    return np.asarray(Image.fromarray(img).resize(size, Image.LANCZOS))
+    return np.array(Image.fromarray(img).resize(size, Image.LANCZOS))
 
 
 def crop_to_grid(img: np.ndarray, patch: int = 16) -> np.ndarray:

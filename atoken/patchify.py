@@ -30,7 +30,7 @@ def _as_tensor(item) -> Tensor:
 
 def to_model_range(pixels_u8) -> Tensor:
     """uint8 pixels (any shape) -> float32 in [-1, 1], as the official README does."""
-    t = torch.as_tensor(np.asarray(pixels_u8))
+    t = torch.from_numpy(np.array(pixels_u8, dtype=np.uint8))  # a writable copy
     return t.float() / 255.0 * 2.0 - 1.0
 
 
@@ -48,7 +48,9 @@ def as_video(item) -> Tensor:
         raise ValueError(f"expected an image [H,W,3] or a video [T,H,W,3], got {tuple(x.shape)}")
     if x.shape[-1] != 3:
         if x.shape[1] != 3:
-            raise ValueError(f"expected 3 colour channels (last or second axis), got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected 3 colour channels (last or second axis), got {tuple(x.shape)}"
+            )
         x = x.permute(0, 2, 3, 1)  # channel-first -> channel-last
     return x
 
@@ -143,7 +145,9 @@ def detokenize(rec: SparseTensor, kinds: Sequence[str] | str) -> list[Tensor]:
         raise ValueError(f"{len(kinds)} kinds given for {len(slices)} batch items")
     for sl, kind in zip(slices, kinds):
         if kind not in ("image", "video"):
-            raise ValueError(f"kind must be 'image' or 'video', got {kind!r} (3D: use the GS decoder)")
+            raise ValueError(
+                f"kind must be 'image' or 'video', got {kind!r} (3D: use the GS decoder)"
+            )
         frames = unpatchify(rec.feats[sl], rec.coords[sl])
         out.append(frames[:1] if kind == "image" else frames)
     return out
@@ -156,7 +160,9 @@ def tokenize_3d(feats768, coords_xyz, *, batch: int = 0) -> SparseTensor:
     3072 channels (the slot of frame 0), coordinates ``(b, 1, x, y, z)``.
     """
     f = torch.as_tensor(np.asarray(feats768) if not isinstance(feats768, Tensor) else feats768)
-    c = torch.as_tensor(np.asarray(coords_xyz) if not isinstance(coords_xyz, Tensor) else coords_xyz)
+    c = torch.as_tensor(
+        np.asarray(coords_xyz) if not isinstance(coords_xyz, Tensor) else coords_xyz
+    )
     if f.dim() != 2 or f.shape[1] != VOXEL_CHANNELS:
         raise ValueError(f"3D features must be [N, {VOXEL_CHANNELS}], got {tuple(f.shape)}")
     if c.dim() != 2 or c.shape[1] != 3 or c.shape[0] != f.shape[0]:
