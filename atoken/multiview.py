@@ -75,40 +75,71 @@ def patch_grid(view_u8: Tensor) -> Tensor:
     return g.permute(0, 2, 1, 3, 4).reshape(PATCH, PATCH, PATCH * PATCH * 3)
 
 
-def surface_points(depths: Sequence[Tensor | np.ndarray], cameras: Sequence[Camera]) -> Tensor:
+def surface_points(
+    depths: Sequence[Tensor | np.ndarray],
+    cameras: Sequence[Camera],
+    *,
+    max_points: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Back-project every pixel with depth ``>= 0`` from its top-left corner -> ``[N, 3]`` float32.
 
-    Points are in the official pooling order: view-major, then row-major over pixels.
+    Points are pooled view-major, then row-major over pixels (the official order). With more
+    than ``max_points`` of them, the official ``randperm(n)[:max_points]`` subset is kept
+    (drawn from ``generator``, or the global RNG), returned in pooled order. Only the kept
+    pixels are back-projected, so a 150-view 512 px input costs no more than the cap.
     """
-    out = []
-    for depth, cam in zip(depths, cameras):
-        d = torch.as_tensor(np.asarray(depth)).float()
-        if d.dim() != 2:
+    valid = []  # per view: flat depth, flat indices of valid pixels (row-major), shape
+    for depth in depths:
+        d = depth.numpy() if isinstance(depth, Tensor) else np.asarray(depth)
+        if d.ndim != 2:
             raise ValueError(f"each depth map must be [H, W], got {tuple(d.shape)}")
-        h, w = d.shape
-        rows, cols = torch.nonzero(d >= 0, as_tuple=True)
-        z = d[rows, cols]
-        u = cols.float() / w  # top-left corner, not (q + 0.5) / W (README fact 6)
-        v = rows.float() / h
+        flat = d.reshape(-1)
+        valid.append((flat, np.flatnonzero(flat >= 0), d.shape))  # numpy: one cheap pass
+    counts = np.array([len(v[1]) for v in valid], np.int64)
+    n = int(counts.sum())
+    keep = None
+    if max_points is not None and n > max_points:
+        keep = torch.randperm(n, generator=generator)[:max_points].sort().values.numpy()
+    offsets = np.cumsum(counts) - counts
+    out = []
+    for (flat_d, flat_i, (h, w)), cam, off, cnt in zip(valid, cameras, offsets, counts):
+        if keep is not None:
+            lo, hi = np.searchsorted(keep, [off, off + cnt])
+            flat_i = flat_i[keep[lo:hi] - off]
+        z = torch.from_numpy(flat_d[flat_i].astype(np.float32))
+        idx = torch.from_numpy(flat_i)
+        u = (idx % w).float() / w  # top-left corner, not (q + 0.5) / W (README fact 6)
+        v = (idx // w).float() / h
         x = (u * z - cam.cx * z) / cam.fx
         y = (v * z - cam.cy * z) / cam.fy
         c2w = torch.linalg.inv(cam.w2c.float())
-        pts = torch.stack([x, y, z], 1) @ c2w[:3, :3].T + c2w[:3, 3]
-        out.append(pts)
+        out.append(torch.stack([x, y, z], 1) @ c2w[:3, :3].T + c2w[:3, 3])
     return torch.cat(out) if out else torch.zeros(0, 3)
 
 
 def occupied_voxels(points: Tensor, resolution: int = RESOLUTION, bound: float = BOUND) -> Tensor:
     """Voxels whose closed box holds a point -> ``[M, 3]`` int32 ``(i, j, k)``, sorted."""
-    p = points.float()
+    grid = torch.zeros(resolution**3, dtype=torch.bool)
+    for chunk in points.float().split(1 << 20):
+        _mark_voxels(grid, chunk, resolution, bound)
+    return grid.view(resolution, resolution, resolution).nonzero().int()
+
+
+def _mark_voxels(grid: Tensor, p: Tensor, resolution: int, bound: float) -> None:
     size = 2.0 * bound / resolution
     half = torch.tensor(size / 2.0, dtype=torch.float32)
     p = p[torch.isfinite(p).all(1) & (p.abs() <= bound + size).all(1)]
     base = torch.floor((p.double() + bound) / size).long()  # [N, 3]
     idx = base[:, :, None] + torch.tensor([-1, 0, 1])  # [N, 3, 3] candidates per axis
+    # The official test, in float32: |centre - p| <= size / 2 on every axis (closed box).
     centre = (-bound + (idx.double() + 0.5) * size).float()
     ok = ((centre - p[:, :, None]).abs() <= half) & (idx >= 0) & (idx < resolution)
-    grid = torch.zeros(resolution**3, dtype=torch.bool)
+    # Usually only the middle candidate passes on every axis: mark those points at once.
+    simple = ok[:, :, 1].all(1) & ~ok[:, :, 0].any(1) & ~ok[:, :, 2].any(1)
+    b = base[simple]
+    grid[(b[:, 0] * resolution + b[:, 1]) * resolution + b[:, 2]] = True
+    ok, idx = ok[~simple], idx[~simple]
     for a in range(3):
         for b in range(3):
             for c in range(3):
@@ -116,7 +147,6 @@ def occupied_voxels(points: Tensor, resolution: int = RESOLUTION, bound: float =
                 if bool(m.any()):
                     lin = (idx[m, 0, a] * resolution + idx[m, 1, b]) * resolution + idx[m, 2, c]
                     grid[lin] = True
-    return grid.view(resolution, resolution, resolution).nonzero().int()
 
 
 def voxel_centres(coords: Tensor, resolution: int = RESOLUTION, bound: float = BOUND) -> Tensor:
@@ -183,9 +213,7 @@ def pack_arrays(
         )
     if max_points < 1:
         raise ValueError(f"max_points must be positive, got {max_points}")
-    points = surface_points(depths, cameras)
-    if len(points) > max_points:
-        points = points[torch.randperm(len(points), generator=generator)[:max_points]]
+    points = surface_points(depths, cameras, max_points=max_points, generator=generator)
     coords = occupied_voxels(points)
     grids = torch.stack([patch_grid(preprocess_view(im)) for im in images])  # [V, 16, 16, 768]
     view, uv = nearest_views(coords, cameras)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 
 import numpy as np
 import pytest
 import trimesh
-from atoken.mesh import GREY, MeshError, load_mesh, mesh_to_glb, normalize_mesh
 from PIL import Image
+
+from atoken.mesh import GREY, MeshError, load_mesh, mesh_to_glb, normalize_mesh
 
 QUAD_COLOURS = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [255, 255, 0]]], np.uint8)
 
@@ -73,6 +75,17 @@ def test_ply_vertex_colours_kept(tmp_path):
     np.testing.assert_allclose(mesh.vertices, expected, atol=1e-6)
 
 
+def test_ply_face_colours_become_corner_colours(tmp_path):
+    box = trimesh.creation.box()
+    colours = np.c_[np.arange(12) * 20, np.full(12, 50), np.full(12, 90), np.full(12, 255)]
+    box.visual = trimesh.visual.ColorVisuals(box, face_colors=colours.astype(np.uint8))
+    box.export(tmp_path / "box.ply")
+    mesh = load_mesh(tmp_path / "box.ply")
+    corner = mesh.visual.vertex_colors[mesh.faces]  # [F, 3, 4]
+    assert (corner == corner[:, :1]).all()  # each face keeps one colour
+    assert sorted(map(tuple, corner[:, 0].tolist())) == sorted(map(tuple, colours.tolist()))
+
+
 @pytest.mark.parametrize("suffix", [".stl", ".off"])
 def test_plain_formats_get_grey(tmp_path, suffix):
     box = trimesh.creation.box(extents=(1.0, 2.0, 4.0))
@@ -98,6 +111,26 @@ def test_glb_scene_merged_with_transforms(tmp_path):
     # Z extent: box [-0.5, 0.5], ball [4.5, 5.5] -> 6 units; the ball is the top sixth.
     top = mesh.vertices[:, 2] > 0.5 - 1 / 6 - 1e-9
     assert top.sum() == len(ball.vertices)
+
+
+def test_gltf_with_external_buffers(tmp_path):
+    files = trimesh.Scene([trimesh.creation.box(extents=(1.0, 3.0, 1.0))]).export(file_type="gltf")
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    mesh = load_mesh(tmp_path / "model.gltf")
+    assert len(mesh.faces) == 12
+    np.testing.assert_allclose(np.ptp(mesh.bounds, 0), [1 / 3, 1 / 3, 1.0], atol=1e-6)
+    # A buffer URI that leaves the folder is refused, not read.
+    gltf = json.loads(files["model.gltf"])
+    gltf["buffers"][0]["uri"] = "../outside.bin"
+    (tmp_path.parent / "outside.bin").write_bytes(files[gltf_buffer_name(files)])
+    (tmp_path / "evil.gltf").write_text(json.dumps(gltf))
+    with pytest.raises(MeshError, match="evil.gltf"):
+        load_mesh(tmp_path / "evil.gltf")
+
+
+def gltf_buffer_name(files: dict) -> str:
+    return sorted(k for k in files if k.endswith(".bin"))[0]
 
 
 def test_glb_mixed_texture_and_vertex_colours(tmp_path):

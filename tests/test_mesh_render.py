@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+from PIL import Image
+
 from atoken.cameras import camera_from_fov, look_at
 from atoken.mesh_render import (
     AMBIENT,
@@ -18,7 +20,6 @@ from atoken.mesh_render import (
     render_views,
 )
 from atoken.multiview import voxel_centres
-from PIL import Image
 
 BACKENDS = [
     "torch",

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from atoken import multiview as mv
-from atoken.cameras import camera_from_fov, look_at
 from PIL import Image
 from safetensors.numpy import load_file
+
+from atoken import multiview as mv
+from atoken.cameras import camera_from_fov, look_at
 
 CASES = ["sphere16_256", "box8_512"]
 
