@@ -46,6 +46,7 @@ BACKENDS = ("torch", "gsplat")
 _ALPHA_CUT = float(torch.nextafter(torch.tensor(ALPHA_MIN), torch.tensor(0.0)))
 _POWER_FLOOR = -60.0
 _ELEMENTS_PER_STEP = 1 << 21  # pixel x Gaussian pairs evaluated per vectorised step
+_MAX_PAIRS = 1 << 23  # (Gaussian, tile) pairs listed at once
 _MAX_K = 512
 
 
@@ -82,7 +83,9 @@ class ProjectedGaussians:
     colors: Tensor
 
 
-def projection_matrix(camera: Camera, near: float = DEFAULT_NEAR, far: float = DEFAULT_FAR):
+def projection_matrix(
+    camera: Camera, near: float = DEFAULT_NEAR, far: float = DEFAULT_FAR
+) -> Tensor:
     """TRELLIS ``intrinsics_to_projection``: the 4x4 OpenCV-camera projection matrix."""
     proj = torch.zeros(4, 4, dtype=torch.float32)
     proj[0, 0] = 2.0 * camera.fx
@@ -194,19 +197,54 @@ def project_gaussians(
     )
 
 
-def _tile_lists(proj: ProjectedGaussians, num_tiles: int, grid_x: int) -> tuple[Tensor, Tensor]:
-    """Duplicate Gaussians per covered tile; ``(gaussian ids sorted by (tile, depth), counts)``."""
-    device = proj.rect.device
-    x0, y0, x1, y1 = proj.rect.unbind(-1)
+def _tile_lists(rect: Tensor, num_tiles: int, grid_x: int) -> tuple[Tensor, Tensor]:
+    """Duplicate Gaussians (rows of ``rect``, depth-sorted) per covered tile.
+
+    Returns the row ids sorted by (tile, depth) and the per-tile counts ``[num_tiles]``.
+    """
+    device = rect.device
+    x0, y0, x1, y1 = rect.unbind(-1)
     w = x1 - x0
     n = w * (y1 - y0)
     gid = torch.repeat_interleave(torch.arange(len(n), device=device), n)
     local = torch.arange(len(gid), device=device) - (torch.cumsum(n, 0) - n)[gid]
     tile = (y0[gid] + local // w[gid]) * grid_x + x0[gid] + local % w[gid]
-    # Ids are already in depth order, so a stable sort by tile gives the (tile, depth) order.
+    # Rows are already in depth order, so a stable sort by tile gives the (tile, depth) order.
     tile, order = torch.sort(tile, stable=True)
     counts = torch.bincount(tile, minlength=num_tiles)
     return gid[order], counts
+
+
+def _row_bands(rect: Tensor, grid_y: int, max_pairs: int) -> list[tuple[int, int]]:
+    """Split the tile rows into bands of at most ``max_pairs`` (Gaussian, tile) pairs each.
+
+    A single row holding more pairs than that still forms its own band.
+    """
+    x0, y0, x1, y1 = rect.unbind(-1)
+    w = x1 - x0
+    diff = torch.zeros(grid_y + 1, dtype=torch.long, device=rect.device)
+    diff.index_add_(0, y0, w).index_add_(0, y1, -w)
+    per_row = torch.cumsum(diff, 0)[:grid_y].tolist()
+    bands, start, total = [], 0, 0
+    for row, num in enumerate(per_row):
+        if row > start and total + num > max_pairs:
+            bands.append((start, row))
+            start, total = row, 0
+        total += num
+    bands.append((start, grid_y))
+    return bands
+
+
+@dataclass
+class _Canvas:
+    """Per-tile blending state: ``trans [T, 256]``, ``accum [T, 256, 4]`` (rgb, depth), ``done``."""
+
+    trans: Tensor
+    accum: Tensor
+    done: Tensor
+    tile_x: Tensor  # [T] left pixel of each tile
+    tile_y: Tensor
+    ramp: Tensor  # [16] pixel offsets inside a tile
 
 
 def _composite(proj: ProjectedGaussians, width: int, height: int) -> tuple[Tensor, Tensor]:
@@ -214,13 +252,10 @@ def _composite(proj: ProjectedGaussians, width: int, height: int) -> tuple[Tenso
     device = proj.mean2d.device
     grid_x, grid_y = -(-width // TILE), -(-height // TILE)
     num_tiles = grid_x * grid_y
-    num_pix = TILE * TILE
     # alpha <= opacity, so Gaussians with opacity < 1/255 are never drawn: drop them early.
     drawable = proj.opacity > _ALPHA_CUT
     if not bool(drawable.all()):
         proj = ProjectedGaussians(*(getattr(proj, f.name)[drawable] for f in fields(proj)))
-    ids, counts = _tile_lists(proj, num_tiles, grid_x)
-    starts = torch.cumsum(counts, 0) - counts
 
     # Per-Gaussian table; the extra last row is a dummy with opacity 0 (always skipped).
     a, b, c = proj.conic.unbind(-1)
@@ -237,11 +272,8 @@ def _composite(proj: ProjectedGaussians, width: int, height: int) -> tuple[Tenso
         1,
     )
     table = torch.cat([table, table.new_zeros(1, table.shape[1])])
-    ids = torch.cat([ids, ids.new_full((1,), len(proj.depth))])
-    dummy_pos = len(ids) - 1
+    dummy = torch.tensor([len(proj.depth)], device=device)
 
-    trans = torch.ones(num_tiles, num_pix, device=device)
-    accum = torch.zeros(num_tiles, num_pix, 4, device=device)
     ramp = torch.arange(TILE, device=device, dtype=torch.float32)
     tile_x = (torch.arange(num_tiles, device=device) % grid_x) * TILE
     tile_y = (torch.arange(num_tiles, device=device) // grid_x) * TILE
@@ -249,9 +281,40 @@ def _composite(proj: ProjectedGaussians, width: int, height: int) -> tuple[Tenso
     inside = ((tile_y[:, None, None] + ramp[:, None]) < height) & (
         (tile_x[:, None, None] + ramp[None, :]) < width
     )
-    done = ~inside.reshape(num_tiles, num_pix)
-    progress = torch.zeros(num_tiles, dtype=torch.long, device=device)
+    canvas = _Canvas(
+        trans=torch.ones(num_tiles, TILE * TILE, device=device),
+        accum=torch.zeros(num_tiles, TILE * TILE, 4, device=device),
+        done=~inside.reshape(num_tiles, TILE * TILE),
+        tile_x=tile_x,
+        tile_y=tile_y,
+        ramp=ramp,
+    )
+    # Bands of tile rows bound the memory of the (Gaussian, tile) pair lists.
+    for row0, row1 in _row_bands(proj.rect, grid_y, _MAX_PAIRS):
+        rect = proj.rect
+        rows = None
+        if (row0, row1) != (0, grid_y):
+            rows = ((rect[:, 1] < row1) & (rect[:, 3] > row0)).nonzero().squeeze(1)
+            rect = rect[rows].clone()
+            rect[:, 1].clamp_(min=row0)
+            rect[:, 3].clamp_(max=row1)
+        ids, counts = _tile_lists(rect, num_tiles, grid_x)
+        if rows is not None:
+            ids = rows[ids]
+        _blend_tiles(torch.cat([ids, dummy]), counts, table, canvas)
 
+    def to_image(t: Tensor) -> Tensor:
+        t = t.reshape(grid_y, grid_x, TILE, TILE, *t.shape[2:]).transpose(1, 2)
+        return t.reshape(grid_y * TILE, grid_x * TILE, *t.shape[4:])[:height, :width]
+
+    return to_image(canvas.accum), to_image(canvas.trans)
+
+
+def _blend_tiles(ids: Tensor, counts: Tensor, table: Tensor, canvas: _Canvas) -> None:
+    """Run every tile's list (``ids`` sorted by tile, a dummy id last) through the canvas."""
+    num_pix = TILE * TILE
+    starts = torch.cumsum(counts, 0) - counts
+    progress = torch.zeros_like(counts)
     active = (counts > 0).nonzero().squeeze(1)
     while len(active) > 0:
         remaining = int((counts[active] - progress[active]).max())
@@ -259,49 +322,24 @@ def _composite(proj: ProjectedGaussians, width: int, height: int) -> tuple[Tenso
         k = min(-(-k // 8) * 8, max(8, -(-remaining // 8) * 8))
         batch = max(1, _ELEMENTS_PER_STEP // (num_pix * k))
         for tiles in active.split(batch):
-            _composite_step(
-                tiles, k, table, ids, starts, counts, progress, dummy_pos,
-                tile_x, tile_y, ramp, trans, accum, done,
-            )  # fmt: skip
+            pos = progress[tiles, None] + torch.arange(k, device=ids.device)
+            idx = torch.where(pos < counts[tiles, None], starts[tiles, None] + pos, len(ids) - 1)
+            _blend_step(tiles, table[ids[idx]], canvas)
         progress[active] += k
-        finished = (progress[active] >= counts[active]) | done[active].all(1)
+        finished = (progress[active] >= counts[active]) | canvas.done[active].all(1)
         active = active[~finished]
 
-    def to_image(t: Tensor) -> Tensor:
-        t = t.reshape(grid_y, grid_x, TILE, TILE, *t.shape[2:]).transpose(1, 2)
-        return t.reshape(grid_y * TILE, grid_x * TILE, *t.shape[4:])[:height, :width]
 
-    return to_image(accum), to_image(trans)
-
-
-def _composite_step(
-    tiles: Tensor,
-    k: int,
-    table: Tensor,
-    ids: Tensor,
-    starts: Tensor,
-    counts: Tensor,
-    progress: Tensor,
-    dummy_pos: int,
-    tile_x: Tensor,
-    tile_y: Tensor,
-    ramp: Tensor,
-    trans: Tensor,
-    accum: Tensor,
-    done: Tensor,
-) -> None:
-    """Blend the next ``k`` list entries of each tile in ``tiles`` into ``trans``/``accum``."""
-    nt = len(tiles)
-    offs = torch.arange(k, device=tiles.device)
-    pos = progress[tiles, None] + offs
-    idx = torch.where(pos < counts[tiles, None], starts[tiles, None] + pos, dummy_pos)
-    prm = table[ids[idx]]  # [nt, k, 11]
+def _blend_step(tiles: Tensor, prm: Tensor, canvas: _Canvas) -> None:
+    """Blend the next ``k`` list entries ``prm [nt, k, 11]`` of each tile in ``tiles``."""
+    nt, k = prm.shape[:2]
     mx, my, na, nb, nc, opac, unsafe = prm[..., :7].unbind(-1)
     feats = prm[..., 7:]  # rgb, depth
 
     # d = mean - pixel; power = -0.5 (a dx^2 + c dy^2) - b dx dy, split into row/column terms.
-    dx = mx[:, None, :] - (tile_x[tiles, None].float() + ramp)[:, :, None]  # [nt, 16x, k]
-    dy = my[:, None, :] - (tile_y[tiles, None].float() + ramp)[:, :, None]  # [nt, 16y, k]
+    ramp = canvas.ramp
+    dx = mx[:, None, :] - (canvas.tile_x[tiles, None].float() + ramp)[:, :, None]  # [nt, 16x, k]
+    dy = my[:, None, :] - (canvas.tile_y[tiles, None].float() + ramp)[:, :, None]  # [nt, 16y, k]
     term_x = na[:, None, :] * dx * dx
     term_y = nc[:, None, :] * dy * dy
     power = term_y[:, :, None, :] + term_x[:, None, :, :]  # [nt, 16y, 16x, k]
@@ -319,7 +357,7 @@ def _composite_step(
 
     # Transmittance after each entry, seeded with the pixel's T (0 once it is done), so the
     # products run in the kernel's order: T_k = T_{k-1} (1 - alpha_k).
-    done_t, trans_t = done[tiles], trans[tiles]  # [nt, 256]
+    done_t, trans_t = canvas.done[tiles], canvas.trans[tiles]  # [nt, 256]
     seed = torch.where(done_t, 0.0, trans_t)
     t_after = torch.rsub(alpha, 1.0)
     t_after[..., 0] *= seed
@@ -343,9 +381,9 @@ def _composite_step(
         contrib[ti, pi] = torch.einsum("sk,skc->sc", weight[ti, pi] * applied, feats[ti])
         t_stop = rows.gather(-1, (num - 1).clamp_min(0)[:, None])[:, 0]
         new_trans[ti, pi] = torch.where(num > 0, t_stop, seed[ti, pi])
-    accum[tiles] += contrib
-    trans[tiles] = new_trans
-    done[tiles] = done_t | stopped
+    canvas.accum[tiles] += contrib
+    canvas.trans[tiles] = new_trans
+    canvas.done[tiles] = done_t | stopped
 
 
 def _render_torch(

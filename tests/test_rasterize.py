@@ -308,15 +308,18 @@ def test_alpha_clamp_and_early_stop():
     assert float(out.alpha[center, center]) == pytest.approx(1 - float(t), abs=1e-7)
 
 
-@pytest.mark.parametrize("budget", [None, 16 * 256])  # default, and many tiny steps
+@pytest.mark.parametrize("small_batches", [False, True])  # one pass / many steps and bands
 @pytest.mark.parametrize("size", [(64, 64), (70, 45)])
-def test_matches_per_pixel_reference(monkeypatch, budget, size):
-    if budget is not None:
-        monkeypatch.setattr(rasterize, "_ELEMENTS_PER_STEP", budget)
+def test_matches_per_pixel_reference(monkeypatch, small_batches, size):
     width, height = size
     cam = _orbit_camera(width, height)
     gs = _random_scene(200, seed=1)
     bg = (0.1, 0.2, 0.3)
+    if small_batches:
+        monkeypatch.setattr(rasterize, "_ELEMENTS_PER_STEP", 16 * 256)  # one tile, k = 16
+        monkeypatch.setattr(rasterize, "_MAX_PAIRS", 40)  # bands of one or two tile rows
+        rect = project_gaussians(gs, cam).rect
+        assert len(rasterize._row_bands(rect, -(-height // 16), 40)) >= 3
 
     ref = _reference_project(gs, cam)
     proj = project_gaussians(gs, cam)
