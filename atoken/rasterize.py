@@ -42,11 +42,12 @@ CLAMP_FOV = 1.3  # view-space x/z, y/z clamp factor in computeCov2D
 DEFAULT_NEAR, DEFAULT_FAR = 0.8, 1.6  # TRELLIS GaussianRenderer defaults
 BACKENDS = ("torch", "gsplat")
 
-# float32 just below 1/255: ``threshold(alpha, _ALPHA_CUT)`` keeps exactly ``alpha >= 1/255``.
-_ALPHA_CUT = float(torch.nextafter(torch.tensor(ALPHA_MIN), torch.tensor(0.0)))
-_POWER_FLOOR = -60.0
+# The float32 just below float32(1/255): ``threshold(alpha, _ALPHA_CUT)`` keeps exactly the
+# alphas the kernel keeps (``alpha >= 1.0f / 255.0f``).
+_ALPHA_CUT = 0.003921568393707275
+_POWER_FLOOR = -60.0  # exp() input floor (see _blend_step)
 _ELEMENTS_PER_STEP = 1 << 21  # pixel x Gaussian pairs evaluated per vectorised step
-_MAX_PAIRS = 1 << 23  # (Gaussian, tile) pairs listed at once
+_MAX_PAIRS = 1 << 22  # (Gaussian, tile) pairs listed at once
 _MAX_K = 512
 
 
@@ -54,6 +55,8 @@ _MAX_K = 512
 class RenderResult:
     """One rendered view: ``image [H, W, 3]`` in [0, 1], ``alpha [H, W]``, ``depth [H, W]``.
 
+    ``image`` is clamped to [0, 1] (the blended sum exceeds 1 where SH colours do, as the
+    official raw output; TRELLIS clips it when it saves frames). ``alpha = 1 - T_final``.
     ``depth`` is the expected camera-space z, ``sum(w z) / alpha`` with the compositing weights
     ``w``, and 0 where nothing was drawn.
     """

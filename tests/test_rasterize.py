@@ -403,6 +403,11 @@ def test_turntable_frames():
     assert torch.equal(frames[1], (single * 255).round().to(torch.uint8))
 
 
+def test_alpha_cut_is_the_float32_below_one_255th():
+    one_255 = torch.tensor(1.0 / 255.0)  # float32, as 1.0f / 255.0f in the kernel
+    assert float(torch.nextafter(one_255, torch.tensor(0.0))) == rasterize._ALPHA_CUT
+
+
 def test_bad_input_raises():
     gs = _random_scene(10, seed=4)
     cam = _front_camera(16)
