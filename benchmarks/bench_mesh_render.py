@@ -158,11 +158,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--backend", choices=["gl", "torch"], default=None)
     parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument(
         "--meshes",
         nargs="*",
         default=["duck.glb", "panda.glb", "teapot.stl", "rainbow_torus.ply", "blocks.glb"],
     )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.part in ("all", "speed"):
         bench_speed(args.repeat)
     if args.part in ("all", "curve"):

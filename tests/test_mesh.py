@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 
 from atoken.mesh import GREY, MeshError, load_mesh, mesh_to_glb, normalize_mesh
 
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 QUAD_COLOURS = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [255, 255, 0]]], np.uint8)
 
 
@@ -256,3 +258,22 @@ def test_zip_without_mesh_and_broken_zip(tmp_path):
 
 def test_mesh_error_is_value_error():
     assert issubclass(MeshError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "name, textured",
+    [
+        ("panda.glb", True),
+        ("duck.glb", True),
+        ("teapot.stl", False),
+        ("rainbow_torus.ply", False),
+        ("blocks.glb", False),
+    ],
+)
+def test_example_meshes_load_and_are_licensed(name, textured):
+    path = ASSETS / "meshes" / name
+    assert path.stat().st_size < 400_000
+    mesh = load_mesh(path)
+    assert_normalised(mesh)
+    assert isinstance(mesh.visual, trimesh.visual.TextureVisuals) == textured
+    assert f"`meshes/{name}`" in (ASSETS / "LICENSES.md").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,6 +166,18 @@ def test_backends_agree_on_textured_mesh():
     assert (diff <= 2).mean() > 0.97
 
 
+def test_torch_fallback_without_gl(monkeypatch):
+    from atoken import mesh_render
+
+    monkeypatch.setattr(mesh_render._gl_local, "state", None, raising=False)
+    assert not gl_available()
+    cam = top_camera(1.3, math.radians(40), 32)
+    rgba, depth = render_views(quad(5.0), [cam])  # auto picks the torch backend
+    np.testing.assert_allclose(depth[0], 1.3, rtol=1e-5)
+    with pytest.raises(ValueError, match="'gl' backend needs"):
+        render_views(quad(5.0), [cam], backend="gl")
+
+
 def test_render_argument_errors():
     cams = default_cameras(2, 32)
     with pytest.raises(ValueError, match="unknown backend"):
@@ -209,6 +222,16 @@ def test_sphere_render_pack_gives_its_shell():
     # Grey Lambert features: every channel of a row equal (R = G = B), none black.
     rgb = feats.view(-1, 256, 3)
     assert torch.equal(rgb[..., 0], rgb[..., 1]) and torch.equal(rgb[..., 1], rgb[..., 2])
+
+
+def test_textured_example_gives_coloured_features():
+    path = Path(__file__).resolve().parents[1] / "assets" / "meshes" / "duck.glb"
+    feats, coords = mesh_to_voxels(path, num_views=8, resolution=256)
+    assert len(coords) > 5000 and coords.min() >= 0 and coords.max() <= 63
+    assert feats.min() >= 0 and feats.max() <= 1
+    rgb = feats.view(-1, 256, 3).mean(1)
+    # The duck is yellow (R, G > B) with an orange bill: colour, not grey.
+    assert (rgb[:, 0] > rgb[:, 2] + 0.1).float().mean() > 0.8
 
 
 def test_box_render_pack_lands_on_faces(tmp_path):
