@@ -174,7 +174,7 @@ def rasterize(rm: RenderMesh, cam: Camera) -> tuple[Tensor, Tensor]:
         stop = max(stop, start + 1)
         sel = torch.arange(start, stop)
         rep = torch.repeat_interleave(sel, counts[sel])
-        k = torch.arange(len(rep)) - (ends[rep] - counts[rep])
+        k = torch.arange(base, base + len(rep)) - (ends[rep] - counts[rep])
         q = q0[rep] + k % bw[rep]
         r = r0[rep] + k // bw[rep]
         xc, yc = q.float() + 0.5, r.float() + 0.5

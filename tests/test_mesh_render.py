@@ -166,6 +166,21 @@ def test_backends_agree_on_textured_mesh():
     assert (diff <= 2).mean() > 0.97
 
 
+def test_fragment_chunking_does_not_change_the_picture(monkeypatch):
+    from atoken import mesh_render
+
+    mesh = trimesh.creation.icosphere(subdivisions=2, radius=0.4)
+    mesh.visual = trimesh.visual.ColorVisuals(
+        mesh, vertex_colors=(np.abs(mesh.vertices) / 0.4 * 255).astype(np.uint8)
+    )
+    cams = default_cameras(2, 64)
+    rgba, depth = render_views(mesh, cams, backend="torch")
+    monkeypatch.setattr(mesh_render, "_FRAGMENT_CHUNK", 50)  # many chunks, some of one face
+    rgba_c, depth_c = render_views(mesh, cams, backend="torch")
+    assert np.array_equal(rgba, rgba_c) and np.array_equal(depth, depth_c)
+    assert (depth >= 0).mean() > 0.2
+
+
 def test_torch_fallback_without_gl(monkeypatch):
     from atoken import mesh_render
 
