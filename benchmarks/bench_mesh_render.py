@@ -28,8 +28,11 @@ sys.path.insert(0, str(ROOT))
 from atoken import multiview  # noqa: E402
 from atoken.mesh import load_mesh  # noqa: E402
 from atoken.mesh_render import (  # noqa: E402
+    DEFAULT_RESOLUTION,
+    DEFAULT_VIEWS,
     default_cameras,
     gl_available,
+    mesh_to_voxels,
     prepare_mesh,
     render_views,
 )
@@ -74,6 +77,16 @@ def bench_speed(repeat: int) -> None:
                 row.append(best_of(call, repeat) / 8)
             cells = " ".join(f"{t:8.4f}" for t in row)
             print(f"{name:24s} {len(mesh.faces):7d} {res:5d} {cells}")
+    print(
+        f"\n## mesh_to_voxels at the defaults ({DEFAULT_VIEWS} views x {DEFAULT_RESOLUTION} px), s"
+    )
+    for name in ("duck.glb", "panda.glb"):
+        mesh = load_mesh(MESHES / name)
+        cells = []
+        for b in backends:
+            t = best_of(lambda b=b, m=mesh: mesh_to_voxels(m, backend=b, normalize=False), repeat)
+            cells.append(f"{b} {t:.3f}")
+        print(f"{name:24s} " + "  ".join(cells))
     print("\n## Packing golden cases (pack_views: read files + pack), seconds")
     for case in sorted(p.name for p in GOLDEN.iterdir() if p.is_dir()):
         folder = GOLDEN / case / "input"
