@@ -136,7 +136,11 @@ class GSDecoderConfig:
     perturb_offset: bool = True
     lr: dict[str, float] = field(
         default_factory=lambda: {
-            "_xyz": 1.0, "_features_dc": 1.0, "_opacity": 1.0, "_scaling": 1.0, "_rotation": 0.1
+            "_xyz": 1.0,
+            "_features_dc": 1.0,
+            "_opacity": 1.0,
+            "_scaling": 1.0,
+            "_rotation": 0.1,
         }
     )
     filter_3d: float = 9e-4
@@ -209,7 +213,9 @@ def register_preset(name: str, config: ATokenConfig | GSDecoderConfig) -> None:
 def _fsq_levels(codebook_size: int) -> tuple[int, ...]:
     """FSQ levels of a codebook size; only the released 4096 = 4^6 is known for certain."""
     if codebook_size != 4096:
-        raise ValueError(f"only FSQ codebook size 4096 (levels 4^6) is supported, got {codebook_size}")
+        raise ValueError(
+            f"only FSQ codebook size 4096 (levels 4^6) is supported, got {codebook_size}"
+        )
     return (4, 4, 4, 4, 4, 4)
 
 
@@ -279,7 +285,7 @@ def _autoencoder_from_arch(arch: dict[str, Any], name: str) -> ATokenConfig:
 def _gs_from_yaml(model: dict[str, Any], name: str) -> GSDecoderConfig:
     rep = model.get("representation_config", {})
     if model.get("attn_mode", "swin") != "swin":
-        raise ValueError(f"only attn_mode 'swin' is supported for the GS decoder")
+        raise ValueError("only attn_mode 'swin' is supported for the GS decoder")
     if model.get("pe_mode", "ape") != "ape":
         raise ValueError("only pe_mode 'ape' is supported for the GS decoder")
     if rep.get("scaling_activation", "softplus") != "softplus":

@@ -86,21 +86,31 @@ class Gaussians:
     ) -> Gaussians:
         """Build from RGB colours in [0, 1] (inverts the SH degree-0 colour)."""
         features_dc = ((rgb - 0.5) / SH_C0).reshape(-1, 1, 3)
-        return cls(xyz, features_dc, scaling, torch.nn.functional.normalize(rotation, dim=-1),
-                   opacity.reshape(-1, 1))
+        return cls(
+            xyz,
+            features_dc,
+            scaling,
+            torch.nn.functional.normalize(rotation, dim=-1),
+            opacity.reshape(-1, 1),
+        )
 
     def to(self, device: torch.device | str) -> Gaussians:
         """Move every field to ``device``."""
         return Gaussians(
-            *(t.to(device) for t in (self.xyz, self.features_dc, self.scaling, self.rotation,
-                                     self.opacity)),
+            *(
+                t.to(device)
+                for t in (self.xyz, self.features_dc, self.scaling, self.rotation, self.opacity)
+            ),
             raw_rotation=None if self.raw_rotation is None else self.raw_rotation.to(device),
         )
 
     def subset(self, index: Tensor) -> Gaussians:
         """Rows selected by a boolean mask or an index tensor."""
         return Gaussians(
-            self.xyz[index], self.features_dc[index], self.scaling[index], self.rotation[index],
+            self.xyz[index],
+            self.features_dc[index],
+            self.scaling[index],
+            self.rotation[index],
             self.opacity[index],
             raw_rotation=None if self.raw_rotation is None else self.raw_rotation[index],
         )
@@ -123,8 +133,11 @@ class Gaussians:
             rot = _rotate_quaternions(rot, m)
         opacity = self.opacity.detach().float().cpu().clamp(1e-7, 1 - 1e-7)
         cols = [
-            ("x", xyz[:, 0]), ("y", xyz[:, 1]), ("z", xyz[:, 2]),
-            ("nx", torch.zeros(len(self))), ("ny", torch.zeros(len(self))),
+            ("x", xyz[:, 0]),
+            ("y", xyz[:, 1]),
+            ("z", xyz[:, 2]),
+            ("nx", torch.zeros(len(self))),
+            ("ny", torch.zeros(len(self))),
             ("nz", torch.zeros(len(self))),
         ]
         dc = self.features_dc.detach().float().cpu()[:, 0]
@@ -162,7 +175,9 @@ class Gaussians:
                 if not parts:
                     continue
                 if parts[0] == "format" and parts[1] != "binary_little_endian":
-                    raise ValueError(f"{path}: only binary_little_endian .ply is read, got {parts[1]}")
+                    raise ValueError(
+                        f"{path}: only binary_little_endian .ply is read, got {parts[1]}"
+                    )
                 if parts[0] == "element" and parts[1] == "vertex":
                     count = int(parts[2])
                 elif parts[0] == "property":
@@ -176,7 +191,9 @@ class Gaussians:
             raise ValueError(f"{path}: truncated vertex data")
         table = torch.from_numpy(raw.reshape(count, len(names)).copy())
         col = {n: table[:, i] for i, n in enumerate(names)}
-        missing = [n for n in ("x", "y", "z", "f_dc_0", "opacity", "scale_0", "rot_0") if n not in col]
+        missing = [
+            n for n in ("x", "y", "z", "f_dc_0", "opacity", "scale_0", "rot_0") if n not in col
+        ]
         if missing:
             raise ValueError(f"{path}: not a 3DGS .ply, missing properties {missing}")
         raw_rot = torch.stack([col[f"rot_{i}"] for i in range(4)], 1)

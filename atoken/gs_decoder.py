@@ -24,7 +24,9 @@ def absolute_position_embedding(coords_xyz: Tensor, channels: int) -> Tensor:
     axes concatenated x, y, z and zero-padded to ``channels``.
     """
     nfreq = channels // 3 // 2
-    freqs = 1.0 / 10000 ** (torch.arange(nfreq, dtype=torch.float32, device=coords_xyz.device) / nfreq)
+    freqs = 1.0 / 10000 ** (
+        torch.arange(nfreq, dtype=torch.float32, device=coords_xyz.device) / nfreq
+    )
     p = coords_xyz.float()[:, :, None] * freqs  # [N, 3, F]
     emb = torch.cat([torch.sin(p), torch.cos(p)], -1).reshape(coords_xyz.shape[0], -1)
     return F.pad(emb, (0, channels - emb.shape[1]))
@@ -33,7 +35,10 @@ def absolute_position_embedding(coords_xyz: Tensor, channels: int) -> Tensor:
 def hammersley_perturbation(num_gaussians: int, voxel_size: float = 1.5) -> Tensor:
     """The official ``offset_perturbation``: atanh((2h - 1) / voxel_size) of 3-D Hammersley points."""
     pts = torch.tensor(
-        [[i / num_gaussians, radical_inverse(2, i), radical_inverse(3, i)] for i in range(num_gaussians)],
+        [
+            [i / num_gaussians, radical_inverse(2, i), radical_inverse(3, i)]
+            for i in range(num_gaussians)
+        ],
         dtype=torch.float32,
     )
     return torch.atanh((pts * 2 - 1) / voxel_size)
@@ -58,8 +63,13 @@ class GaussianDecoder(nn.Module):
         super().__init__()
         self.config = config
         trunk = TrunkConfig(
-            config.channels, config.num_blocks, config.num_heads, config.mlp_channels,
-            use_bias=False, use_rms_norm=True, qk_rms_norm=False,
+            config.channels,
+            config.num_blocks,
+            config.num_heads,
+            config.mlp_channels,
+            use_bias=False,
+            use_rms_norm=True,
+            qk_rms_norm=False,
         )
         self.input_layer = nn.Linear(config.latent_channels, config.channels, bias=False)
         self.blocks = nn.ModuleList(Block(trunk, rope=False) for _ in range(config.num_blocks))
@@ -73,7 +83,9 @@ class GaussianDecoder(nn.Module):
     def forward_features(self, x: SparseTensor, trace: dict | None = None) -> Tensor:
         """Raw head output ``[N, 14 * num_gaussians]`` for voxels with coords ``(b, x, y, z)``."""
         if x.coords.shape[1] != 4:
-            raise ValueError(f"the GS decoder takes coords (b, x, y, z), got {tuple(x.coords.shape)}")
+            raise ValueError(
+                f"the GS decoder takes coords (b, x, y, z), got {tuple(x.coords.shape)}"
+            )
         check_contiguous_batches(x.coords)
         dtype = self.input_layer.weight.dtype
         h = self.input_layer(x.feats.to(dtype))
@@ -123,7 +135,9 @@ class GaussianDecoder(nn.Module):
                 Gaussians(
                     xyz=xyz[m].reshape(-1, 3) - 0.5,
                     features_dc=feats_dc[m].reshape(-1, 1, 3),
-                    scaling=activate_scaling(scaling[m].reshape(-1, 3), cfg.scaling_bias, cfg.filter_3d),
+                    scaling=activate_scaling(
+                        scaling[m].reshape(-1, 3), cfg.scaling_bias, cfg.filter_3d
+                    ),
                     rotation=activate_rotation(rot),
                     opacity=activate_opacity(opacity[m].reshape(-1, 1), cfg.opacity_bias),
                     raw_rotation=rot + rot.new_tensor([1.0, 0.0, 0.0, 0.0]),

@@ -88,7 +88,9 @@ class FSQ(nn.Module):
     def dequantize(self, indices: Tensor) -> Tensor:
         """Indices ``[N, num_codebooks]`` -> codes ``[N, dim]``."""
         if indices.shape[-1] != self.num_codebooks:
-            raise ValueError(f"expected {self.num_codebooks} indices per token, got {indices.shape[-1]}")
+            raise ValueError(
+                f"expected {self.num_codebooks} indices per token, got {indices.shape[-1]}"
+            )
         if int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size:
             raise ValueError(f"FSQ indices must lie in [0, {self.codebook_size})")
         codes = indices_to_codes(indices, self._levels(indices.device))
