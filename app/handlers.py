@@ -8,7 +8,9 @@ model that made them.
 
 from __future__ import annotations
 
+import base64
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import spaces
 import torch
 
 from app.models import DTYPES, ModelManager, download_official, entries
-from app.session import friendly, run_dir
+from app.session import ROOT, friendly, run_dir
 from atoken.download import OFFICIAL_WEIGHTS, cached_path
 from atoken.generation import edit_tokens, interpolate, posterior_variations, save_image_tokens
 from atoken.media import (
@@ -157,6 +159,36 @@ def _finite(d: dict) -> dict:
     return out
 
 
+def upload_path(value) -> str | None:
+    """A file path from an upload: a path, or the raw FileData dict of a ``preprocess=False``
+    event (data URLs from paste/webcam are written to a file)."""
+    if value is None or isinstance(value, (str, Path)):
+        return None if value is None else str(value)
+    if isinstance(value, dict):
+        if value.get("path"):
+            return str(value["path"])
+        url = value.get("url") or ""
+        if url.startswith("data:") and "," in url:
+            ROOT.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=ROOT, suffix=".png", delete=False) as f:
+                f.write(base64.b64decode(url.split(",", 1)[1]))
+            return f.name
+    raise MediaError(f"could not read the upload ({type(value).__name__})")
+
+
+def _layer_mask(layer) -> np.ndarray:
+    """Painted pixels of one ImageEditor layer (an RGBA array or its raw file)."""
+    from PIL import Image
+
+    if isinstance(layer, dict):
+        with Image.open(upload_path(layer)) as im:
+            layer = np.asarray(im.convert("RGBA"))
+    layer = np.asarray(layer)
+    if layer.ndim == 3 and layer.shape[2] == 4:
+        return layer[..., 3] > 0
+    return layer.reshape(*layer.shape[:2], -1).any(-1)
+
+
 def _check_size(path: str, limit: int, what: str) -> None:
     size = Path(path).stat().st_size
     if size > limit:
@@ -241,6 +273,7 @@ def validate_image(image, max_side, *rest) -> list:
     if image is None:
         return _first_invalid("Upload, paste or take a picture first.", n)
     try:
+        image = upload_path(image)
         _check_size(image, LIMITS.image_bytes, "image")
         read_image(image)
     except MediaError as e:
@@ -253,6 +286,7 @@ def validate_image(image, max_side, *rest) -> list:
 @friendly
 def preview_image(image: str | None, max_side: float) -> tuple[np.ndarray | None, str]:
     """What the model will see: the upload downscaled and cropped to the 16-px grid."""
+    image = upload_path(image)
     if image is None:
         return None, ""
     _check_size(image, LIMITS.image_bytes, "image")
@@ -273,6 +307,7 @@ def reconstruct_image_handler(
     request: gr.Request = None,
 ):
     """Encode and decode an image: slider pair, error heatmap, metrics, files, state."""
+    image = upload_path(image)
     if image is None:
         raise gr.Error("Upload, paste or take a picture first.")
     _check_size(image, LIMITS.image_bytes, "image")
@@ -472,8 +507,8 @@ def preview_mesh(mesh: str | None, request: gr.Request = None) -> str | None:
     return str(mesh_to_glb(load_mesh(mesh), run_dir(request, "mesh") / "input.glb"))
 
 
-def _mesh_seconds(mesh, num_views, resolution, *args, **kwargs) -> int:
-    return int(min(300, 60 + int(num_views or 32) * 2))
+def _mesh_seconds(mesh, num_views, resolution, turntable_frames, *args, **kwargs) -> int:
+    return int(min(300, 60 + 2 * int(num_views or 32) + 2 * int(turntable_frames or 0)))
 
 
 @spaces.GPU(duration=_mesh_seconds)
@@ -482,11 +517,12 @@ def reconstruct_3d_handler(
     mesh: str | None,
     num_views: float,
     resolution: float,
+    turntable_frames: float,
     request: gr.Request = None,
     progress=gr.Progress(),  # noqa: B008
 ):
     """Mesh -> voxels -> tokens -> Gaussians: input and .ply viewers, turntable, metrics."""
-    from atoken import pipeline3d  # the 3D issue's pipeline (absent until it lands)
+    from atoken import pipeline3d  # the 3D issue's pipeline
 
     if mesh is None:
         raise gr.Error("Upload a mesh first.")
@@ -495,6 +531,7 @@ def reconstruct_3d_handler(
     model, discrete = m.model, m.model.is_discrete
     gs, gs_name = m.gaussian_decoder()
     out = run_dir(request, "3d")
+    frames = int(turntable_frames)
     with m.running():
         res = pipeline3d.reconstruct_asset(
             model,
@@ -503,7 +540,8 @@ def reconstruct_3d_handler(
             out / "reconstruction.ply",
             num_views=int(num_views),
             resolution=int(resolution),
-            turntable=out / "turntable.mp4",
+            turntable=out / "turntable.mp4" if frames else None,
+            turntable_frames=max(frames, 1),
             progress=lambda done, total, msg: progress((done, total), desc=msg),
         )
     metrics = {
@@ -522,11 +560,6 @@ def reconstruct_3d_handler(
     turntable = str(res.turntable) if res.turntable else None
     files = [str(p) for p in (res.ply, res.input_glb, res.turntable) if p]
     return str(res.input_glb), str(res.ply), turntable, _finite(metrics), files, state
-
-
-def show_viewers():
-    """Reveal the 3D viewers once their tab is on screen (Model3D collapses in hidden tabs)."""
-    return gr.update(visible=True), gr.update(visible=True)
 
 
 # -- zero-shot tab --------------------------------------------------------------------------
@@ -596,6 +629,14 @@ def fill_labels(preset: str) -> str:
 # -- generation tab -------------------------------------------------------------------------
 
 
+def validate_second_image(image_b, *rest) -> list:
+    """Refuse an unreadable image B before the model runs."""
+    n = 1 + len(rest)
+    if image_b is None:
+        return _first_invalid("Upload the second image (B) to interpolate towards.", n)
+    return validate_image(image_b, 0)[:1] + _ok(n - 1)
+
+
 @spaces.GPU(duration=90)
 @friendly
 def interpolate_handler(
@@ -607,6 +648,7 @@ def interpolate_handler(
 ):
     """Decode the path from the image tab's latent to another image's: an mp4 and a gallery."""
     model = _model_of(image_st, "reconstruction in the image tab")
+    image_b = upload_path(image_b)
     if image_b is None:
         raise gr.Error("Upload the second image (B) to interpolate towards.")
     _check_size(image_b, LIMITS.image_bytes, "image")
@@ -644,12 +686,11 @@ def edit_handler(
     model = _model_of(image_st, "reconstruction in the image tab")
     if image_st["indices"] is None:
         raise gr.Error(f"Token editing needs discrete tokens: reconstruct with '{DISCRETE}'.")
-    layers = [np.asarray(x) for x in (editor or {}).get("layers") or [] if x is not None]
+    layers = [_layer_mask(x) for x in (editor or {}).get("layers") or [] if x is not None]
     if not layers:
         raise gr.Error("Paint over the part of the image whose tokens should change.")
-    mask = np.zeros(layers[0].shape[:2], bool)
-    for layer in layers:
-        mask |= layer[..., 3] > 0 if layer.ndim == 3 and layer.shape[2] == 4 else layer.any(-1)
+    mask = np.logical_or.reduce(layers)
+    other = upload_path(other)
     src: str | tuple = "random"
     with manager().running():
         if source == OTHER_IMAGE:

@@ -15,9 +15,12 @@ from atoken.visualize import HOW_TO_READ
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLE_IMAGES = sorted(str(p) for p in (ASSETS / "examples").glob("*.png"))
 EXAMPLE_VIDEOS = sorted(str(p) for p in (ASSETS / "examples").glob("*.mp4"))
-EXAMPLE_MESHES = sorted(
-    str(p) for p in (ASSETS / "meshes").glob("*") if p.suffix in MESH_EXTENSIONS
-)
+EXAMPLE_MESHES = [
+    str(p)
+    for folder in (ASSETS / "examples", ASSETS / "meshes")
+    for p in sorted(folder.glob("*"))
+    if p.suffix in MESH_EXTENSIONS
+]
 PNG = "png"  # every pixel output: Gradio's default webp would corrupt the comparison
 INTRO = """\
 # AToken: one tokenizer for images, videos and 3D
@@ -25,24 +28,6 @@ Upload an image, a video or a mesh, see it beside its reconstruction, look insid
 tokens, classify it from typed labels, and generate from the latents. Every tab calls the
 [`atoken`](https://arxiv.org/abs/2509.14476) library; the same calls work from Python.
 """
-
-
-class UploadImage(gr.Image):
-    """``gr.Image`` that hands the handler the uploaded file unopened (type="filepath").
-
-    Gradio's own preprocessing opens uploads with Pillow first, so a broken or gigantic file would
-    fail there with a bare error; here the validator and ``atoken.media`` read it with limits.
-    """
-
-    def preprocess(self, payload):
-        """The uploaded path as it is (data URLs from paste/webcam go through Gradio)."""
-        if payload is not None and payload.path and self.type == "filepath":
-            return str(payload.path)
-        return super().preprocess(payload)
-
-    def get_block_name(self) -> str:
-        """Render with the built-in image frontend."""
-        return "image"
 
 
 def _model_panel(m: ModelManager, devices: list[str]) -> tuple[gr.Markdown, dict]:
@@ -79,7 +64,7 @@ def _model_panel(m: ModelManager, devices: list[str]) -> tuple[gr.Markdown, dict
 def _image_tab(max_side_limit: int) -> dict:
     with gr.Row():
         with gr.Column():
-            image = UploadImage(
+            image = gr.Image(
                 type="filepath",
                 label="Image (upload, paste or webcam)",
                 sources=["upload", "clipboard", "webcam"],
@@ -88,7 +73,12 @@ def _image_tab(max_side_limit: int) -> dict:
             gr.Examples(EXAMPLE_IMAGES, image, label="Examples (assets/examples)")
             with gr.Row():
                 max_side = gr.Slider(0, max_side_limit, 256, step=16, label="Max side (0 = keep)")
-                tokens = gr.Radio([h.CONTINUOUS, h.DISCRETE], value=h.CONTINUOUS, label="Tokens")
+                tokens = gr.Radio(
+                    [h.CONTINUOUS, h.DISCRETE],
+                    value=h.CONTINUOUS,
+                    label="Tokens",
+                    elem_id="image-tokens",
+                )
             with gr.Accordion("Sampling", open=False):
                 latent_mode = gr.Radio(
                     ["mean", "sample"],
@@ -168,7 +158,12 @@ def _video_tab(limits: h.Limits) -> dict:
                 stride = gr.Slider(1, 8, 1, step=1, label="Frame stride")
                 max_side = gr.Slider(0, limits.max_side, 256, step=16, label="Max side (0 = keep)")
                 max_frames = gr.Slider(0, lim.max_frames, 64, step=4, label="Max frames (0 = all)")
-            tokens = gr.Radio([h.CONTINUOUS, h.DISCRETE], value=h.CONTINUOUS, label="Tokens")
+            tokens = gr.Radio(
+                [h.CONTINUOUS, h.DISCRETE],
+                value=h.CONTINUOUS,
+                label="Tokens",
+                elem_id="video-tokens",
+            )
             run = gr.Button("Reconstruct video", variant="primary", elem_id="video-run")
         with gr.Column():
             side = gr.Video(
@@ -189,41 +184,41 @@ def _video_tab(limits: h.Limits) -> dict:
 def _asset_tab() -> dict:
     gr.Markdown(
         "Mesh -> multiview renders -> 64³ voxels -> AToken tokens -> 3D Gaussians (.ply). "
-        "Formats: .glb .gltf .obj .ply .stl .off, or a .zip with textures."
+        "Formats: .glb .gltf .obj .ply .stl .off, or a .zip with textures. On a CPU, big "
+        "meshes take minutes (hundreds of thousands of Gaussians are rendered for the metrics "
+        "and the turntable); the pencil example takes seconds."
     )
     with gr.Row():
         with gr.Column():
             mesh = gr.File(label="Mesh", file_types=sorted(MESH_EXTENSIONS), elem_id="mesh-input")
-            gr.Examples(EXAMPLE_MESHES, mesh, label="Examples (assets/meshes)")
+            gr.Examples(EXAMPLE_MESHES, mesh, label="Examples")
             with gr.Row():
                 views = gr.Slider(4, 64, 16, step=4, label="Views")
                 resolution = gr.Slider(128, 512, 256, step=64, label="Render resolution")
+                frames = gr.Slider(0, 48, 12, step=4, label="Turntable frames (0 = none)")
             run = gr.Button("Reconstruct 3D", variant="primary", elem_id="mesh-run")
-        # Hidden until the tab is on screen: Model3D collapses when first drawn in a hidden tab.
         input_view = gr.Model3D(
             label="Input (normalised)",
-            visible=False,
             elem_id="mesh-view",
             clear_color=(0.9, 0.9, 0.9, 1.0),
         )
+    with gr.Row():
         output_view = gr.Model3D(
             label="Reconstructed Gaussians (.ply)",
-            visible=False,
             elem_id="gs-view",
             clear_color=(0.9, 0.9, 0.9, 1.0),
         )
-    with gr.Row():
         turntable = gr.Video(
             label="Turntable: input | reconstruction",
             elem_id="mesh-turntable",
             autoplay=True,
             loop=True,
         )
-        with gr.Column():
-            metrics = gr.JSON(
-                label="3D metrics (PSNR / SSIM over rendered views)", elem_id="mesh-metrics"
-            )
-            files = gr.File(label="Downloads", file_count="multiple", elem_id="mesh-files")
+    with gr.Row():
+        metrics = gr.JSON(
+            label="3D metrics (PSNR / SSIM over rendered views)", elem_id="mesh-metrics"
+        )
+        files = gr.File(label="Downloads", file_count="multiple", elem_id="mesh-files")
     return locals()
 
 
@@ -270,7 +265,7 @@ def _generation_tab() -> dict:
     gr.Markdown("Works on the latent of the last image reconstructed in the image tab.")
     with gr.Tab("Interpolation"), gr.Row():
         with gr.Column():
-            image_b = UploadImage(
+            image_b = gr.Image(
                 type="filepath",
                 label="Image B",
                 sources=["upload", "clipboard"],
@@ -316,7 +311,7 @@ def _generation_tab() -> dict:
                 source = gr.Radio(
                     [h.RANDOM_CODES, h.OTHER_IMAGE], value=h.RANDOM_CODES, label="New codes"
                 )
-                other = UploadImage(type="filepath", label="Other image", sources=["upload"])
+                other = gr.Image(type="filepath", label="Other image", sources=["upload"])
                 edit_seed = gr.Number(0, precision=0, label="Seed for random codes")
                 edit = gr.Button(
                     "Swap codes and decode",
@@ -344,19 +339,25 @@ def build_demo(m: ModelManager, limits: h.Limits | None = None) -> gr.Blocks:
                 im = _image_tab(limits.max_side)
             with gr.Tab("Video", id="video"):
                 vi = _video_tab(limits)
-            with gr.Tab("3D", id="3d") as tab3d:
+            # Model3D collapses when it is first drawn inside a hidden tab (a known Gradio issue):
+            # with render_children=False the viewers mount only once this tab is on screen.
+            with gr.Tab("3D", id="3d", render_children=False):
                 a3 = _asset_tab()
             with gr.Tab("Zero-shot", id="zeroshot"):
                 zs = _zeroshot_tab()
             with gr.Tab("Generation", id="generation"):
                 ge = _generation_tab()
-        _wire(demo, status, im, vi, a3, tab3d, zs, ge, image_st, video_st, asset_st)
+        _wire(demo, status, im, vi, a3, zs, ge, image_st, video_st, asset_st)
     return demo
 
 
-def _wire(demo, status, im, vi, a3, tab3d, zs, ge, image_st, video_st, asset_st) -> None:
+def _wire(demo, status, im, vi, a3, zs, ge, image_st, video_st, asset_st) -> None:
     gpu = {"concurrency_id": "gpu"}
     private = {"api_visibility": "private"}
+    # Events taking uploaded images get the raw upload (preprocess=False): Gradio would open it
+    # with Pillow first and fail on a broken file with a developer-facing message; the
+    # validators and atoken.media read it instead, with limits and readable errors.
+    raw = {"preprocess": False}
     # image
     for trigger in (im["image"].change, im["max_side"].release):
         trigger(
@@ -364,6 +365,7 @@ def _wire(demo, status, im, vi, a3, tab3d, zs, ge, image_st, video_st, asset_st)
             [im["image"], im["max_side"]],
             [im["preview"], im["preview_info"]],
             **private,
+            **raw,
         )
     im["run"].click(
         h.reconstruct_image_handler,
@@ -379,6 +381,7 @@ def _wire(demo, status, im, vi, a3, tab3d, zs, ge, image_st, video_st, asset_st)
         api_name="reconstruct_image",
         validator=h.validate_image,
         **gpu,
+        **raw,
     ).success(
         h.latent_view,
         image_st,
@@ -408,11 +411,10 @@ def _wire(demo, status, im, vi, a3, tab3d, zs, ge, image_st, video_st, asset_st)
         **gpu,
     )
     # 3D
-    tab3d.select(h.show_viewers, None, [a3["input_view"], a3["output_view"]], **private)
     a3["mesh"].change(h.preview_mesh, a3["mesh"], a3["input_view"], **private)
     a3["run"].click(
         h.reconstruct_3d_handler,
-        [a3["mesh"], a3["views"], a3["resolution"]],
+        [a3["mesh"], a3["views"], a3["resolution"], a3["frames"]],
         [
             a3["input_view"],
             a3["output_view"],
@@ -441,7 +443,9 @@ def _wire(demo, status, im, vi, a3, tab3d, zs, ge, image_st, video_st, asset_st)
         [ge["image_b"], ge["steps"], ge["mode"], image_st],
         [ge["interp_video"], ge["interp_gallery"]],
         api_name="interpolate",
+        validator=h.validate_second_image,
         **gpu,
+        **raw,
     )
     ge["vary"].click(
         h.variations_handler,
@@ -456,6 +460,7 @@ def _wire(demo, status, im, vi, a3, tab3d, zs, ge, image_st, video_st, asset_st)
         ge["edited"],
         api_name="edit_tokens",
         **gpu,
+        **raw,
     )
     demo.load(h.status, None, status, **private)
     demo.unload(cleanup_session)

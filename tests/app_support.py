@@ -155,3 +155,12 @@ def broken_glb(folder: Path) -> Path:
     path = folder / "broken.glb"
     path.write_bytes(b"glTF\x02\x00\x00\x00" + b"\x00" * 12 + b"garbage" * 10)
     return path
+
+
+def thin_rod(folder: Path) -> Path:
+    """A thin cylinder: about 256 occupied voxels, so a 3D reconstruction takes seconds on CPU."""
+    import trimesh
+
+    path = folder / "rod.ply"
+    trimesh.creation.cylinder(radius=0.012, height=1.0, sections=8).export(path)
+    return path

@@ -28,6 +28,7 @@ from tests.app_support import (
     pipeline3d_missing,
     small_limits,
     text_as_png,
+    thin_rod,
     truncated_jpeg,
     video_without_frames,
 )
@@ -256,17 +257,23 @@ def test_mesh_validation_and_preview(manager, tmp_path):
 
 
 @pytest.mark.skipif(pipeline3d_missing(), reason=PIPELINE3D_REASON)
-def test_reconstruct_3d_outputs(manager):
+def test_reconstruct_3d_outputs_and_classification(manager, tmp_path):
     glb, ply, turntable, metrics, files, state = h.reconstruct_3d_handler(
-        str(MESHES / "duck.glb"), 8, 128, Req("3d")
+        str(thin_rod(tmp_path)), 8, 128, 2, Req("3d")
     )
     from atoken.gaussians import Gaussians
+    from atoken.media import probe_video
 
     g = Gaussians.load_ply(ply)
-    assert len(g) == metrics["gaussians"] > 0 and metrics["voxels"] > 0
-    assert 0 < metrics["psnr"] < 60 and glb.endswith(".glb")
-    assert turntable is None or turntable.endswith(".mp4")
-    assert state["kind"] == "3d" and state["pooled"].shape[0] == 1
+    assert len(g) == metrics["gaussians"] == 32 * metrics["voxels"] > 0
+    assert 0 < metrics["psnr"] < 60 and 0 <= metrics["ssim"] <= 1 and glb.endswith(".glb")
+    assert probe_video(turntable).num_frames == 2 and len(files) == 3
+    assert "random" in metrics["gaussian_decoder"]
+    assert state["kind"] == "3d" and state["pooled"].shape == (1, 384)
+    _, probs = h.classify_handler(h.FROM_3D, None, "rod, duck", "sigmoid", None, None, state)
+    assert set(probs) == {"rod", "duck"}
+    no_turntable = h.reconstruct_3d_handler(str(thin_rod(tmp_path)), 4, 128, 0, Req("3d"))
+    assert no_turntable[2] is None
 
 
 def test_classify_from_each_source(manager, image_result, tmp_path):
@@ -428,3 +435,25 @@ def test_example_assets_have_clear_sizes():
     for name in ("astronaut.png", "chelsea.png", "coffee.png"):
         img = Image.open(EXAMPLES / name)
         assert max(img.size) == 320
+
+
+def test_raw_uploads_become_paths(manager, tmp_path):
+    import base64
+
+    assert h.upload_path(None) is None and h.upload_path(ASTRONAUT) == ASTRONAUT
+    assert h.upload_path({"path": ASTRONAUT, "orig_name": "a.png"}) == ASTRONAUT
+    data = base64.b64encode((EXAMPLES / "coffee.png").read_bytes()).decode()
+    pasted = h.upload_path({"path": None, "url": f"data:image/png;base64,{data}"})
+    np.testing.assert_array_equal(read_image(pasted), read_image(EXAMPLES / "coffee.png"))
+    with pytest.raises(ValueError, match="could not read the upload"):
+        h.upload_path({"path": None, "url": None})
+    # a raw FileData dict goes through the validator and the handler like a path
+    raw = {"path": str(text_as_png(tmp_path)), "orig_name": "notes.png"}
+    assert _valid(h.validate_image(raw, 64))[0] is False
+    assert (
+        h.reconstruct_image_handler({"path": CHELSEA}, 64, h.CONTINUOUS, "mean", 0, 1.0)[2][
+            "tokens"
+        ]
+        > 0
+    )
+    assert _valid(h.validate_second_image(None, 4, "slerp", None))[0] is False

@@ -1,0 +1,254 @@
+"""The app in a real browser: Playwright driving Debian's Chromium (``apt-get install chromium``).
+
+Each test uploads an example in one tab, clicks, and checks that the results appear; a
+screenshot of every tab goes to ``test-output/browser/`` (and to ``$ATOKEN_SCREENSHOTS`` when
+set, which ``scripts/screenshots.py`` uses for the README).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.app_support import (
+    EXAMPLES,
+    MESHES,
+    OUTPUT,
+    PIPELINE3D_REASON,
+    app_server,
+    pipeline3d_missing,
+    text_as_png,
+    thin_rod,
+)
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get)"),
+]
+SHOTS = OUTPUT / "browser"
+TIMEOUT = 60_000  # ms per wait; the slowest step (a first MiniLM load) takes about 10 s
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"],
+        )
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser):
+    url = app_server()["url"]
+    pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+    pg.set_default_timeout(TIMEOUT)
+    pg.goto(url)
+    pg.wait_for_selector("#image-input")
+    yield pg
+    pg.close()
+
+
+def shot(page, name: str, selector: str | None = None) -> Path:
+    """Save a screenshot (of an element or the page) under the test output folder."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    if selector:
+        page.locator(selector).screenshot(path=str(path))
+    else:
+        page.screenshot(path=str(path), full_page=True)
+    extra = os.environ.get("ATOKEN_SCREENSHOTS")
+    if extra:
+        Path(extra).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(extra) / path.name)
+    assert path.stat().st_size > 10_000
+    return path
+
+
+def upload(page, selector: str, path: Path | str) -> None:
+    page.locator(f"{selector} input[type=file]").set_input_files(str(path))
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name, exact=True).click()
+
+
+def loaded_images(page, selector: str) -> int:
+    """Images inside ``selector`` that finished loading with real pixels."""
+    return page.evaluate(
+        "s => [...document.querySelectorAll(s + ' img')]"
+        ".filter(i => i.complete && i.naturalWidth > 0).length",
+        selector,
+    )
+
+
+def wait_plot(page, selector: str) -> None:
+    page.wait_for_selector(f"{selector} .js-plotly-plot .main-svg")
+
+
+def wait_video(page, selector: str) -> None:
+    """A <video> with a source that the browser could decode (it knows its size)."""
+    page.wait_for_function(
+        "s => { const v = document.querySelector(s + ' video');"
+        " return v && v.readyState >= 1 && v.videoWidth > 0; }",
+        arg=selector,
+    )
+
+
+def canvas_size(page, selector: str) -> tuple[float, float]:
+    box = page.locator(f"{selector} canvas").first.bounding_box()
+    return (box["width"], box["height"]) if box else (0.0, 0.0)
+
+
+def test_image_tab(page):
+    open_tab(page, "Image")
+    upload(page, "#image-input", EXAMPLES / "astronaut.png")
+    page.wait_for_function("() => document.querySelector('#image-preview img')?.naturalWidth > 0")
+    page.click("#image-run")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#image-slider img')]"
+        ".filter(i => i.complete && i.naturalWidth > 0).length >= 2"
+    )
+    page.wait_for_selector("#image-metrics :text('psnr')")
+    assert loaded_images(page, "#image-heatmap") == 1
+    for plot in ("#latent-hist", "#latent-scatter", "#latent-pooled"):
+        wait_plot(page, plot)
+    assert loaded_images(page, "#latent-pca") == 1 and loaded_images(page, "#latent-maps") == 1
+    assert "safetensors" in page.locator("#image-files").inner_text()
+    shot(page, "image_tab")
+
+
+def test_bad_upload_shows_a_readable_message_and_the_next_run_works(page, tmp_path):
+    open_tab(page, "Image")
+    upload(page, "#image-input", text_as_png(tmp_path))
+    page.click("#image-run")
+    page.wait_for_selector(":text('is not an image Pillow can read')")
+    upload(page, "#image-input", EXAMPLES / "chelsea.png")
+    page.click("#image-run")
+    page.wait_for_selector("#image-metrics :text('psnr')")
+
+
+def test_video_tab(page):
+    open_tab(page, "Video")
+    upload(page, "#video-input", EXAMPLES / "astronaut_pan.mp4")
+    page.locator("#video-run").click()
+    wait_video(page, "#video-side")
+    wait_video(page, "#video-pca")
+    wait_plot(page, "#video-psnr")
+    page.wait_for_selector("#video-metrics :text('psnr_mean')")
+    assert "side_by_side" in page.locator("#video-files").inner_text()
+    shot(page, "video_tab")
+
+
+def test_3d_tab_viewer_renders_when_the_tab_opens(page, tmp_path):
+    open_tab(page, "3D")
+    upload(page, "#mesh-input", MESHES / "duck.glb")
+    page.wait_for_selector("#mesh-view canvas")
+    page.wait_for_function(
+        "() => { const c = document.querySelector('#mesh-view canvas');"
+        " return c && c.clientWidth > 100 && c.clientHeight > 100; }"
+    )
+    w, h = canvas_size(page, "#mesh-view")
+    assert w > 100 and h > 100  # not collapsed
+    if pipeline3d_missing():
+        page.click("#mesh-run")
+        page.wait_for_selector(":text('pipeline3d')")
+    else:
+        page.locator("#mesh-input button[aria-label='Clear']").click()
+        upload(page, "#mesh-input", thin_rod(tmp_path))  # a few hundred voxels: seconds on CPU
+        page.wait_for_function(
+            "() => document.querySelector('#mesh-input').innerText.includes('rod')"
+        )
+        page.click("#mesh-run")
+        page.wait_for_selector("#mesh-metrics :text('gaussians')")
+        page.wait_for_function(
+            "() => { const c = document.querySelector('#gs-view canvas');"
+            " return c && c.clientWidth > 100 && c.clientHeight > 100; }"
+        )
+        wait_video(page, "#mesh-turntable")
+        open_tab(page, "Image")  # away and back: the viewers keep their size
+        open_tab(page, "3D")
+        assert (
+            min(canvas_size(page, "#gs-view")) > 100 and min(canvas_size(page, "#mesh-view")) > 100
+        )
+    shot(page, "3d_tab")
+
+
+@pytest.mark.skipif(pipeline3d_missing(), reason=PIPELINE3D_REASON)
+def test_3d_result_classifies(page):
+    open_tab(page, "Zero-shot")
+    page.get_by_label("3D tab").check()
+    page.click("#zs-run")
+    wait_plot(page, "#zs-plot")
+
+
+def test_zero_shot_tab_from_the_image_tab(page):
+    open_tab(page, "Zero-shot")
+    page.get_by_label("image tab").check()
+    page.locator("#zs-labels textarea").fill("cat, astronaut, rocket")
+    page.click("#zs-run")
+    page.wait_for_function(  # the plot shows exactly the typed labels
+        "() => { const p = document.querySelector('#zs-plot .js-plotly-plot');"
+        " return p && p.data && p.data[0].y.slice().sort().join() === 'astronaut,cat,rocket'; }"
+    )
+    page.wait_for_selector("#zs-label :text('astronaut')")
+    shot(page, "zeroshot_tab")
+
+
+def test_generation_tab(page):
+    open_tab(page, "Generation")
+    open_tab(page, "Interpolation")
+    # enabled by the image tab's reconstruction (continuous tokens: no FSQ editing)
+    assert page.locator("#interp-run").is_enabled()
+    upload(page, "#interp-b", EXAMPLES / "coffee.png")
+    page.click("#interp-run")
+    wait_video(page, "#interp-video")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#interp-gallery img')]"
+        ".filter(i => i.naturalWidth > 0).length >= 8"
+    )
+    shot(page, "generation_tab")
+    open_tab(page, "Posterior variations")
+    assert page.locator("#var-run").is_enabled()
+    seed_box = page.locator("#var-seed input")
+    before = seed_box.input_value()
+    page.click("#var-run")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#var-gallery img')]"
+        ".filter(i => i.naturalWidth > 0).length >= 4"
+    )
+    page.wait_for_function("b => document.querySelector('#var-seed input').value !== b", arg=before)
+    assert seed_box.input_value().isdigit()  # the drawn seed was written back
+
+
+def test_token_editing_with_a_painted_mask(page):
+    open_tab(page, "Image")
+    page.locator("#image-tokens").get_by_label("discrete (FSQ)").check()
+    page.click("#image-run")
+    wait_plot(page, "#latent-usage")
+    open_tab(page, "Generation")
+    open_tab(page, "Token editing (FSQ)")
+    page.wait_for_function("() => !document.querySelector('#edit-run').disabled")
+    canvas = page.locator("#edit-canvas canvas").first
+    canvas.wait_for()
+    box = canvas.bounding_box()
+    x0, y0 = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    for i in range(1, 11):
+        page.mouse.move(x0 + i * box["width"] * 0.03, y0 + i * box["height"] * 0.02)
+    page.mouse.up()
+    page.click("#edit-run")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#edit-slider img')]"
+        ".filter(i => i.complete && i.naturalWidth > 0).length >= 2"
+    )
+    shot(page, "token_editing")
