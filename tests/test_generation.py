@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
-import atoken
 import numpy as np
 import pytest
 import torch
+
+import atoken
 from atoken.generation import (
     edit_tokens,
     interpolate,
