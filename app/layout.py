@@ -330,7 +330,7 @@ def build_demo(m: ModelManager, limits: h.Limits | None = None) -> gr.Blocks:
     h.configure(m, limits)
     limits = h.LIMITS
     devices = ["cpu", *(["cuda"] if _cuda() else [])]
-    with gr.Blocks(title="AToken demo", delete_cache=(1800, 3600)) as demo:
+    with gr.Blocks(title="AToken demo", delete_cache=(1800, 3600), analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
         status, _ = _model_panel(m, devices)
         image_st, video_st, asset_st = gr.State(None), gr.State(None), gr.State(None)

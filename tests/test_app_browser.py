@@ -66,9 +66,15 @@ def shot(page, name: str, selector: str | None = None) -> Path:
     else:
         page.screenshot(path=str(path), full_page=True)
     extra = os.environ.get("ATOKEN_SCREENSHOTS")
-    if extra:
+    if extra:  # README copies: 256-colour PNGs (a third of the size, still lossless UI text)
+        from PIL import Image
+
         Path(extra).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, Path(extra) / path.name)
+        with Image.open(path) as im:
+            small = im.convert("RGB").quantize(
+                256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE
+            )
+            small.save(Path(extra) / path.name, optimize=True)
     assert path.stat().st_size > 10_000
     return path
 
@@ -194,12 +200,17 @@ def test_zero_shot_tab_from_the_image_tab(page):
     open_tab(page, "Zero-shot")
     page.get_by_label("image tab").check()
     page.locator("#zs-labels textarea").fill("cat, astronaut, rocket")
+    page.get_by_label("softmax").check()
     page.click("#zs-run")
     page.wait_for_function(  # the plot shows exactly the typed labels
         "() => { const p = document.querySelector('#zs-plot .js-plotly-plot');"
         " return p && p.data && p.data[0].y.slice().sort().join() === 'astronaut,cat,rocket'; }"
     )
     page.wait_for_selector("#zs-label :text('astronaut')")
+    total = page.evaluate(
+        "() => document.querySelector('#zs-plot .js-plotly-plot').data[0].x.reduce((a, b) => a + b)"
+    )
+    assert abs(total - 1) < 1e-3  # softmax over the typed labels
     shot(page, "zeroshot_tab")
 
 

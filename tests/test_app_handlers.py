@@ -457,3 +457,32 @@ def test_raw_uploads_become_paths(manager, tmp_path):
         > 0
     )
     assert _valid(h.validate_second_image(None, 4, "slerp", None))[0] is False
+
+
+def test_bundled_checkpoint_becomes_the_default_when_present(tmp_path, monkeypatch):
+    import dataclasses
+    import json
+
+    import atoken.hub
+    from atoken.checkpoint import save_checkpoint
+
+    cfg = dataclasses.replace(models.RANDOM_C, name="atoken-tiny")
+    meta = {"atoken_config": json.dumps(cfg.to_dict())}
+    save_checkpoint(
+        models.build("random-tiny", "cpu", torch.float32),
+        tmp_path / "atoken-tiny.safetensors",
+        meta,
+    )
+    if atoken.hub.bundled_path("atoken-tiny") is None:  # the real assets/ has none yet
+        assert models.default_key() == "random-tiny"
+    monkeypatch.setattr(atoken.hub, "ASSETS", tmp_path)
+    assert models.default_key() == "atoken-tiny"
+    m = ModelManager()
+    assert m.key == "atoken-tiny" and not m.is_random
+    assert "UNTRAINED" not in m.status() and "`atoken-tiny`" in m.status()
+    entry = next(e for e in models.entries() if e.key == "atoken-tiny")
+    assert entry.available and entry.note.endswith("atoken-tiny.safetensors")
+    with pytest.raises(ValueError, match="no discrete"):
+        m.model_for(True)  # atoken-tiny-d is not there
+    _, note = m.gaussian_decoder()
+    assert "untrained" in note  # atoken-tiny-gs is not there either
