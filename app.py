@@ -18,7 +18,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="AToken Gradio demo")
     p.add_argument(
         "--model",
-        default=None,
+        default=os.environ.get("ATOKEN_MODEL"),
         help="model name (atoken-tiny, so-c, ..., random-tiny); default: bundled",
     )
     p.add_argument("--weights", default=None, help="checkpoint path (.safetensors / .pt)")
@@ -35,6 +35,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-file-size", default="200mb", help="largest upload Gradio accepts")
     p.add_argument("--concurrency", type=int, default=1, help="model calls running at once")
+    p.add_argument(
+        "--fixed-model",
+        action="store_true",
+        default=os.environ.get("ATOKEN_FIXED_MODEL", "") not in ("", "0"),
+        help="hide the model panel's controls (a shared deployment: switching and "
+        "downloading would affect every visitor); env ATOKEN_FIXED_MODEL=1",
+    )
     return p.parse_args(argv)
 
 
@@ -69,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
         note = manager.warm_up(report)
         print(f"attention: {manager.backend}{note}", file=sys.stderr)
-    demo = build_demo(manager)
+    demo = build_demo(manager, switchable=not args.fixed_model)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
     ROOT.mkdir(parents=True, exist_ok=True)
     demo.launch(

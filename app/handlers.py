@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
@@ -77,12 +77,10 @@ class Limits:
     image_bytes: int = 50 * 2**20
     video_bytes: int = 200 * 2**20
     mesh_bytes: int = 100 * 2**20
-    video: VideoLimits = None  # type: ignore[assignment]
+    video: VideoLimits = field(
+        default_factory=lambda: VideoLimits(max_frames=256, max_side=1920, max_duration=120.0)
+    )
     max_side: int = 1024  # largest max-side the image and video tabs accept
-
-    def __post_init__(self) -> None:
-        if self.video is None:
-            self.video = VideoLimits(max_frames=256, max_side=1920, max_duration=120.0)
 
 
 M: ModelManager | None = None
@@ -315,10 +313,15 @@ def reconstruct_image_handler(
     model, mode, name = manager().model_for(discrete)
     if not discrete and latent_mode == "sample":
         mode = "sample"
-    side = int(max_side) or None
+    side = int(max_side or 0) or None
     with manager().running():
         res = reconstruct_image(
-            model, image, max_side=side, mode=mode, seed=int(seed), temperature=float(temperature)
+            model,
+            image,
+            max_side=side,
+            mode=mode,
+            seed=int(seed or 0),
+            temperature=float(1.0 if temperature is None else temperature),
         )
     out = run_dir(request, "image")
     files = [

@@ -30,8 +30,10 @@ tokens, classify it from typed labels, and generate from the latents. Every tab 
 """
 
 
-def _model_panel(m: ModelManager, devices: list[str]) -> tuple[gr.Markdown, dict]:
+def _model_panel(m: ModelManager, devices: list[str], switchable: bool) -> gr.Markdown:
     status = gr.Markdown(m.status(), elem_id="model-status")
+    if not switchable:  # a shared deployment: one model for every visitor
+        return status
     with gr.Accordion("Model", open=False, elem_id="model-panel"):
         with gr.Row():
             key = gr.Dropdown(h.model_choices(), value=m.key, label="Model", scale=2)
@@ -51,14 +53,14 @@ def _model_panel(m: ModelManager, devices: list[str]) -> tuple[gr.Markdown, dict
         h.load_model,
         [key, path, config, device, dtype],
         [status, key],
-        api_name="load_model",
+        api_visibility="private",  # the UI switches the model for every session; no API
         concurrency_id="gpu",
     )
     download_btn.click(
         h.download_model, key, dl_status, api_visibility="private", concurrency_limit=1
     )
     warm_btn.click(h.warm_up, None, status, api_visibility="private", concurrency_id="gpu")
-    return status, {"key": key}
+    return status
 
 
 def _image_tab(max_side_limit: int) -> dict:
@@ -325,14 +327,16 @@ def _generation_tab() -> dict:
     return locals()
 
 
-def build_demo(m: ModelManager, limits: h.Limits | None = None) -> gr.Blocks:
-    """The whole app for one model manager."""
+def build_demo(
+    m: ModelManager, limits: h.Limits | None = None, *, switchable: bool = True
+) -> gr.Blocks:
+    """The whole app for one model manager (``switchable=False`` hides the model controls)."""
     h.configure(m, limits)
     limits = h.LIMITS
     devices = ["cpu", *(["cuda"] if _cuda() else [])]
     with gr.Blocks(title="AToken demo", delete_cache=(1800, 3600), analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
-        status, _ = _model_panel(m, devices)
+        status = _model_panel(m, devices, switchable)
         image_st, video_st, asset_st = gr.State(None), gr.State(None), gr.State(None)
         with gr.Tabs():
             with gr.Tab("Image", id="image"):

@@ -486,3 +486,57 @@ def test_bundled_checkpoint_becomes_the_default_when_present(tmp_path, monkeypat
         m.model_for(True)  # atoken-tiny-d is not there
     _, note = m.gaussian_decoder()
     assert "untrained" in note  # atoken-tiny-gs is not there either
+
+
+def test_fixed_model_hides_the_model_controls(manager):
+    from app.layout import build_demo
+
+    def elem_ids(demo) -> set:
+        return {c["props"].get("elem_id") for c in demo.config["components"]}
+
+    try:
+        fixed = elem_ids(build_demo(manager, small_limits(), switchable=False))
+        full = elem_ids(build_demo(manager, small_limits()))
+    finally:
+        h.configure(manager, small_limits())
+    assert "model-status" in fixed and "model-panel" not in fixed
+    assert {"model-status", "model-panel", "image-slider", "mesh-view", "zs-plot"} <= full
+
+
+def test_command_line_options(monkeypatch, tmp_path):
+    import importlib.util
+
+    from tests.app_support import ROOT
+
+    spec = importlib.util.spec_from_file_location("app_main", ROOT / "app.py")
+    main = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(main)
+    args = main.parse_args(
+        [
+            "--weights",
+            "w.safetensors",
+            "--config",
+            "so-c",
+            "--port",
+            "7000",
+            "--dtype",
+            "bfloat16",
+            "--share",
+            "--compile",
+        ]
+    )
+    assert (args.weights, args.config, args.port, args.dtype) == (
+        "w.safetensors",
+        "so-c",
+        7000,
+        "bfloat16",
+    )
+    assert args.share and args.compile and not args.fixed_model and args.host == "127.0.0.1"
+    monkeypatch.setenv("ATOKEN_FIXED_MODEL", "1")
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("ATOKEN_MODEL", "so-d")
+    env_args = main.parse_args([])
+    assert env_args.fixed_model and env_args.host == "0.0.0.0" and env_args.model == "so-d"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert main.compile_cache() == tmp_path / "atoken" / "inductor"
