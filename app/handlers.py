@@ -36,7 +36,7 @@ from atoken.mesh import load_mesh, mesh_to_glb
 from atoken.metrics import error_heatmap
 from atoken.model import ATokenModel, Encoded
 from atoken.patchify import to_model_range
-from atoken.pipeline import VideoLimits, reconstruct_image, reconstruct_video
+from atoken.pipeline import VideoLimits, check_video, reconstruct_image, reconstruct_video
 from atoken.sparse import SparseTensor
 from atoken.visualize import (
     channel_maps,
@@ -393,31 +393,17 @@ def validate_video(video, stride, max_side, max_frames, *rest) -> list:
     n = 4 + len(rest)
     if video is None:
         return _first_invalid("Upload a video first.", n)
-    lim = LIMITS.video
     try:
         _check_size(video, LIMITS.video_bytes, "video")
-        info = probe_video(video)
+        check_video(
+            video,
+            LIMITS.video,
+            stride=max(1, int(stride or 1)),
+            max_side=int(max_side or 0) or None,
+            max_frames=int(max_frames or 0) or None,
+        )
     except MediaError as e:
         return _first_invalid(str(e), n)
-    if info.duration > lim.max_duration:
-        return _first_invalid(
-            f"the video lasts {info.duration:.1f} s; the limit is {lim.max_duration:.0f} s", n
-        )
-    if max(info.width, info.height) > lim.max_side and not max_side:
-        return _first_invalid(
-            f"the video is {info.width}x{info.height}; the limit is {lim.max_side} px per side "
-            "(set a max side to downscale)",
-            n,
-        )
-    frames = math.ceil(info.num_frames / max(1, int(stride or 1)))
-    if max_frames:
-        frames = min(frames, int(max_frames))
-    if frames > lim.max_frames:
-        return _first_invalid(
-            f"{frames} frames after stride {int(stride)}; the limit is {lim.max_frames} (raise "
-            "the stride or lower the frame limit)",
-            n,
-        )
     return _ok(n)
 
 

@@ -166,7 +166,8 @@ def probe_video(path: str | Path) -> VideoInfo:
     fps = float(meta.get("fps") or 0.0) or 25.0
     duration = float(meta.get("duration") or 0.0)
     n = int(round(duration * fps)) if duration else 0
-    if n == 0 or not w:
+    # GIF headers report ffmpeg's 100 fps timebase: count the frames instead
+    if n == 0 or not w or path.suffix.lower() == ".gif":
         import imageio_ffmpeg
 
         try:
@@ -175,6 +176,8 @@ def probe_video(path: str | Path) -> VideoInfo:
             raise MediaError(f"{path.name}: cannot count frames: {_short(e)}") from e
     if n == 0 or not w:
         raise MediaError(f"{path.name} has no video frames")
+    if path.suffix.lower() == ".gif" and duration > 0:
+        fps = n / duration
     return VideoInfo(int(w), int(h), fps, int(n), float(duration or n / fps))
 
 

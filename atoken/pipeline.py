@@ -22,6 +22,7 @@ from torch import Tensor
 
 from atoken.media import (
     MediaError,
+    VideoInfo,
     VideoWriter,
     crop_to_grid,
     iter_video_frames,
@@ -170,6 +171,39 @@ class VideoLimits:
     max_duration: float = 24 * 3600.0
 
 
+def check_video(
+    path: str | Path,
+    limits: VideoLimits | None = None,
+    *,
+    stride: int = 1,
+    max_side: int | None = None,
+    max_frames: int | None = None,
+) -> VideoInfo:
+    """Probe a video and refuse it, with the limit in the message, before any model work."""
+    limits = limits or VideoLimits()
+    if stride < 1:
+        raise MediaError(f"frame stride must be >= 1, got {stride}")
+    info = probe_video(path)
+    if max(info.width, info.height) > limits.max_side and not max_side:
+        raise MediaError(
+            f"video is {info.width}x{info.height}; the limit is {limits.max_side} px per side "
+            "(set a max side to downscale)"
+        )
+    if info.duration > limits.max_duration:
+        raise MediaError(
+            f"video lasts {info.duration:.1f} s; the limit is {limits.max_duration:.0f} s"
+        )
+    total = math.ceil(info.num_frames / stride)
+    if max_frames:
+        total = min(total, max_frames)
+    if total > limits.max_frames:
+        raise MediaError(
+            f"video has {total} frames after stride {stride}; the limit is {limits.max_frames} "
+            "(raise the stride or set a frame limit)"
+        )
+    return info
+
+
 @torch.no_grad()
 def reconstruct_video(
     model: ATokenModel,
@@ -192,25 +226,10 @@ def reconstruct_video(
     Files: ``reconstruction.mp4`` always; ``original.mp4`` (the cropped input the model saw),
     ``side_by_side.mp4`` and ``latent_pca.mp4`` (one PCA frame per input frame) when asked.
     """
-    limits = limits or VideoLimits()
-    info = probe_video(path)
-    if max(info.width, info.height) > limits.max_side and not max_side:
-        raise MediaError(
-            f"video is {info.width}x{info.height}; the limit is {limits.max_side} px per side "
-            "(set a max side to downscale)"
-        )
-    if info.duration > limits.max_duration:
-        raise MediaError(
-            f"video lasts {info.duration:.1f} s; the limit is {limits.max_duration:.0f} s"
-        )
+    info = check_video(path, limits, stride=stride, max_side=max_side, max_frames=max_frames)
     total = math.ceil(info.num_frames / stride)
     if max_frames:
         total = min(total, max_frames)
-    if total > limits.max_frames:
-        raise MediaError(
-            f"video has {total} frames after stride {stride}; the limit is {limits.max_frames} "
-            "(raise the stride or set a frame limit)"
-        )
     out_dir = Path(out_dir)
     fps = info.fps / stride
     chunk = model.config.frames_batch_size

@@ -77,8 +77,9 @@ class AssetResult:
 
 def eval_cameras(num_views: int = EVAL_VIEWS, resolution: int = EVAL_RESOLUTION) -> list[Camera]:
     """Held-out orbit cameras for metrics (offset from the packing cameras)."""
-    return orbit_cameras(num_views, radius=2.0, fov=math.radians(40.0), resolution=resolution,
-                         offset=(0.37, 0.29))
+    return orbit_cameras(
+        num_views, radius=2.0, fov=math.radians(40.0), resolution=resolution, offset=(0.37, 0.29)
+    )
 
 
 def render_gaussian_views(gaussians: Gaussians, cameras: list[Camera]) -> np.ndarray:
@@ -106,8 +107,9 @@ def view_metrics(reference: np.ndarray, rendered: np.ndarray) -> dict[str, float
 
 
 @torch.no_grad()
-def encode_voxels(model: ATokenModel, feats768, coords_xyz, *, mode: str = "auto",
-                  seed: int | None = None):
+def encode_voxels(
+    model: ATokenModel, feats768, coords_xyz, *, mode: str = "auto", seed: int | None = None
+):
     """Voxel features -> (encoded, latent, decoded tokens)."""
     x = tokenize_3d(feats768, coords_xyz)
     enc = model.encode(x)
@@ -129,6 +131,8 @@ def reconstruct_asset(
     mode: str = "auto",
     seed: int | None = None,
     metrics: bool = True,
+    eval_views: int = EVAL_VIEWS,
+    eval_resolution: int = EVAL_RESOLUTION,
     progress: Progress | None = None,
 ) -> AssetResult:
     """Mesh file -> Gaussians (.ply), an input .glb preview, optional turntable mp4, metrics."""
@@ -151,7 +155,9 @@ def reconstruct_asset(
     input_glb = mesh_to_glb(mesh, out_ply.with_name(out_ply.stem + "_input.glb"))
     t = tick("load", t)
     feats, coords = mesh_to_voxels(
-        mesh, num_views=num_views or DEFAULT_VIEWS, resolution=resolution or DEFAULT_RESOLUTION,
+        mesh,
+        num_views=num_views or DEFAULT_VIEWS,
+        resolution=resolution or DEFAULT_RESOLUTION,
         normalize=False,
     )
     t = tick("render_and_pack", t)
@@ -164,7 +170,7 @@ def reconstruct_asset(
     t = tick("save", t)
     scores: dict[str, float] = {}
     if metrics:
-        cams = eval_cameras()
+        cams = eval_cameras(eval_views, eval_resolution)
         scores = view_metrics(render_mesh_views(mesh, cams), render_gaussian_views(gaussians, cams))
         t = tick("metrics", t)
     video = None
@@ -177,6 +183,14 @@ def reconstruct_asset(
                 w.write(side_by_side(a, b))
         t = tick("turntable", t)
     return AssetResult(
-        ply=out_ply, input_glb=input_glb, turntable=video, metrics=scores, pooled=enc.pooled.cpu(),
-        gaussians=gaussians, latent=latent, feats768=feats, coords_xyz=coords, timings=times,
+        ply=out_ply,
+        input_glb=input_glb,
+        turntable=video,
+        metrics=scores,
+        pooled=enc.pooled.cpu(),
+        gaussians=gaussians,
+        latent=latent,
+        feats768=feats,
+        coords_xyz=coords,
+        timings=times,
     )
