@@ -26,9 +26,13 @@ def default_model_name() -> str:
 def add_model_args(p: argparse.ArgumentParser, *, gs: bool = False) -> None:
     """Options choosing the model, device, dtype and attention backend."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help=f"model name {MODEL_NAMES} (default: bundled atoken-tiny)")
+    g.add_argument(
+        "--model", default=None, help=f"model name {MODEL_NAMES} (default: bundled atoken-tiny)"
+    )
     g.add_argument("--weights", default=None, help="checkpoint path (.pt / .safetensors)")
-    g.add_argument("--config", default=None, help="preset name or official YAML (default: from the file)")
+    g.add_argument(
+        "--config", default=None, help="preset name or official YAML (default: from the file)"
+    )
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--attention", default="sdpa", choices=sorted(BACKENDS))
@@ -48,8 +52,9 @@ def build_model(args: argparse.Namespace):
 def build_gs_decoder(args: argparse.Namespace):
     """The Gaussian decoder paired with the chosen model."""
     if args.gs_weights:
-        return load_gaussian_decoder(args.gs_weights, args.gs_config, device=args.device,
-                                     dtype=args.dtype)
+        return load_gaussian_decoder(
+            args.gs_weights, args.gs_config, device=args.device, dtype=args.dtype
+        )
     name = args.model or default_model_name()
     gs_name = "atoken-tiny-gs" if name.startswith("atoken-tiny") else "gs"
     return load_pretrained(gs_name, device=args.device, dtype=args.dtype)
@@ -77,7 +82,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     kind = kind_of(args.input)
     model = build_model(args)
     if kind == "image":
-        res = reconstruct_image(model, args.input, max_side=args.max_side, mode=args.mode, seed=args.seed)
+        res = reconstruct_image(
+            model, args.input, max_side=args.max_side, mode=args.mode, seed=args.seed
+        )
         from atoken.media import write_image
 
         write_image(args.output, res.reconstruction)
@@ -87,23 +94,40 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         bar = Bar("reconstruct")
         try:
             res = reconstruct_video(
-                model, args.input, out.parent / (out.stem + "_files"), stride=args.stride,
-                max_side=args.max_side, max_frames=args.max_frames, mode=args.mode, seed=args.seed,
+                model,
+                args.input,
+                out.parent / (out.stem + "_files"),
+                stride=args.stride,
+                max_side=args.max_side,
+                max_frames=args.max_frames,
+                mode=args.mode,
+                seed=args.seed,
                 progress=bar,
             )
         finally:
             bar.close()
         out.parent.mkdir(parents=True, exist_ok=True)
         res.files["reconstruction"].replace(out)
-        report = {"frames": res.num_frames, "psnr": res.mean_psnr, "tokens": res.num_tokens,
-                  "files": {k: str(v) for k, v in res.files.items() if k != "reconstruction"}}
+        report = {
+            "frames": res.num_frames,
+            "psnr": res.mean_psnr,
+            "tokens": res.num_tokens,
+            "files": {k: str(v) for k, v in res.files.items() if k != "reconstruction"},
+        }
     else:
         from atoken.pipeline3d import reconstruct_asset
 
         gs = build_gs_decoder(args)
         res = reconstruct_asset(
-            model, gs, args.input, args.output, num_views=args.views, resolution=args.resolution,
-            turntable=args.turntable, mode=args.mode, seed=args.seed,
+            model,
+            gs,
+            args.input,
+            args.output,
+            num_views=args.views,
+            resolution=args.resolution,
+            turntable=args.turntable,
+            mode=args.mode,
+            seed=args.seed,
         )
         report = res.summary()
     print(json.dumps({"output": str(args.output), **report}, default=float))
@@ -116,8 +140,17 @@ def cmd_encode(args: argparse.Namespace) -> int:
     model = build_model(args)
     bar = Bar("encode")
     try:
-        out = encode_file(model, args.input, args.output, max_side=args.max_side, stride=args.stride,
-                          max_frames=args.max_frames, mode=args.mode, seed=args.seed, progress=bar)
+        out = encode_file(
+            model,
+            args.input,
+            args.output,
+            max_side=args.max_side,
+            stride=args.stride,
+            max_frames=args.max_frames,
+            mode=args.mode,
+            seed=args.seed,
+            progress=bar,
+        )
     finally:
         bar.close()
     print(out)
@@ -167,10 +200,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from atoken.training import evaluate_folder
 
     model = build_model(args)
-    labels = args.labels.split(",") if args.labels else None
-    print(json.dumps(evaluate_folder(model, args.folder, labels=labels, max_side=args.max_side),
-                     default=float))
+    report = evaluate_folder(
+        model,
+        args.folder,
+        zero_shot=args.zero_shot,
+        max_side=args.max_side,
+        pca_components=args.pca,
+    )
+    if not args.per_item:
+        report.pop("per_item", None)
+    print(json.dumps(report, default=_jsonable, indent=1))
     return 0
+
+
+def _jsonable(obj):
+    """JSON fallback for numpy / torch values in reports."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return float(obj) if isinstance(obj, (int, float)) else str(obj)
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -194,11 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def media_opts(q):
-        q.add_argument("--max-side", type=int, default=None, help="downscale so the longer side <= this")
+        q.add_argument(
+            "--max-side", type=int, default=None, help="downscale so the longer side <= this"
+        )
         q.add_argument("--stride", type=int, default=1, help="keep every n-th video frame")
         q.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
-        q.add_argument("--mode", default="auto", choices=["auto", "mean", "sample", "fsq"],
-                       help="latent fed to the decoder (auto: FSQ codes for So/D, else the mean)")
+        q.add_argument(
+            "--mode",
+            default="auto",
+            choices=["auto", "mean", "sample", "fsq"],
+            help="latent fed to the decoder (auto: FSQ codes for So/D, else the mean)",
+        )
         q.add_argument("--seed", type=int, default=None, help="seed for --mode sample")
 
     q = sub.add_parser("reconstruct", help="image/video/mesh -> reconstruction")
@@ -236,10 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     q.set_defaults(func=cmd_train)
 
-    q = sub.add_parser("eval", help="PSNR/SSIM/rFID/zero-shot over a folder")
-    q.add_argument("folder")
-    q.add_argument("--labels", default=None, help="comma-separated class names for zero-shot")
-    q.add_argument("--max-side", type=int, default=None)
+    q = sub.add_parser("eval", help="PSNR/SSIM/rFID (+ zero-shot accuracy) over a folder")
+    q.add_argument("folder", help="images and videos to reconstruct")
+    q.add_argument(
+        "--zero-shot",
+        default=None,
+        help="folder with one subfolder per class (or a CSV/JSON listing) to classify",
+    )
+    q.add_argument(
+        "--pca",
+        type=int,
+        default=None,
+        help="also report a per-patch PCA baseline with this many components",
+    )
+    q.add_argument("--max-side", type=int, default=512)
+    q.add_argument("--per-item", action="store_true", help="include per-item metrics")
     add_model_args(q)
     q.set_defaults(func=cmd_eval)
 

@@ -74,3 +74,14 @@ def test_models_and_module_entry_point():
     assert proc.returncode == 0
     names = [line.split()[0] for line in proc.stdout.splitlines()]
     assert {"so-c", "so-d", "so-c-s1", "so-c-s2", "gs", "atoken-tiny"} <= set(names)
+
+
+def test_eval_folder(tmp_path, capsys):
+    for i in range(2):
+        img = np.random.default_rng(i).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+    assert main(["eval", str(tmp_path), "--pca", "8", *TINY_C]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["items"] == 2 and "per_item" not in report
+    assert 0 < report["psnr"] < 60 and report["pca_psnr"] > report["psnr"]  # untrained model
+    assert report["rfid"] >= 0
