@@ -1,6 +1,6 @@
 """atoken: a pure-PyTorch AToken (arXiv 2509.14476): one tokenizer for images, videos and 3D."""
 
-from atoken.attention import attention, attention_backend
+from atoken.attention import attention_backend
 from atoken.cameras import Camera, orbit_cameras, turntable_cameras
 from atoken.checkpoint import load, load_gaussian_decoder, save_checkpoint
 from atoken.config import PRESETS, ATokenConfig, GSDecoderConfig, config_from_yaml
@@ -24,7 +24,6 @@ __all__ = [
     "GaussianDecoder",
     "Gaussians",
     "SparseTensor",
-    "attention",
     "available_models",
     "classify",
     "classify_file",
