@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from atoken import data as data_mod
 from atoken.checkpoint import load as load_model
-from atoken.checkpoint import save_checkpoint
+from atoken.checkpoint import read_state_dict, save_checkpoint
 from atoken.config import ATokenConfig, TrunkConfig, resolve_config
 from atoken.losses import (
     OBJECTIVE_WEIGHTS,
@@ -70,13 +70,14 @@ from atoken.losses import (
     resize_224,
     siglip_loss,
 )
-from atoken.model import ATokenModel
+from atoken.model import ATokenModel, Encoded
 from atoken.patchify import VOXEL_CHANNELS, unpatchify
 from atoken.sparse import SparseTensor
 from atoken.text import TextTower
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 CONFIG_KEY = "atoken_config"
+ENCODER_FROM_KEY = "encoder_from"
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -93,7 +94,8 @@ class TrainConfig:
     ``semantic``: ``text_tower`` (``"minilm"``, ``"siglip2"``, a folder, ``"random:<dim>"`` or
     None), ``image_mode`` (``"siglip"`` or ``"distill"``), ``teacher`` (``{type: conv, ...}`` or
     ``{type: import, target: "module:callable", kwargs}``), ``logit_scale`` / ``logit_bias``
-    (initial values, log scale as in SigLIP), ``learn_logit``.
+    (initial values, log scale as in SigLIP), ``learn_logit``, ``trunk_grad_scale`` (factor on
+    the semantic gradient entering the shared encoder trunk; 1 = the paper).
     ``pca_init``: ``{patches: N, sources: [i, ...]}`` starts a fresh model as per-patch PCA of
     N image patches drawn from the listed sources (default all; see `pca_init`); ignored with
     ``init_from``. ``lr_scales`` maps parameter-name prefixes to learning-rate factors.
@@ -413,13 +415,13 @@ def transfer_weights(src: Mapping[str, Tensor], model: ATokenModel) -> list[str]
     return resized
 
 
-def build_model(cfg: TrainConfig) -> tuple[ATokenModel, bool]:
-    """The model of a stage, and whether its encoder starts from trained weights."""
+def build_model(cfg: TrainConfig) -> tuple[ATokenModel, ATokenConfig | None]:
+    """The model of a stage and the config of the checkpoint it starts from (None if fresh)."""
     mcfg = model_config(cfg.model, cfg.model_overrides)
     model = ATokenModel(mcfg)
     init_weights(model, cfg.seed if cfg.init_seed is None else cfg.init_seed)
     if cfg.init_from is None:
-        return model, False
+        return model, None
     path = Path(cfg.init_from)
     if cfg.init_config is not None:
         src_cfg = model_config(cfg.init_config)
@@ -427,9 +429,8 @@ def build_model(cfg: TrainConfig) -> tuple[ATokenModel, bool]:
         src_cfg = config_from_checkpoint(path)  # written by save_model: the previous stage
     else:
         src_cfg = model_config(cfg.model)
-    source = load_model(path, src_cfg, dtype=torch.float32)
-    transfer_weights(source.state_dict(), model)
-    return model, True
+    transfer_weights(_full_state(path, src_cfg), model)
+    return model, src_cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,12 +533,20 @@ class TrainModule(nn.Module):
     """What the optimiser (and DDP) sees: the autoencoder plus the SigLIP logit scalars."""
 
     def __init__(
-        self, model: ATokenModel, logit_scale: float, logit_bias: float, learn_logit: bool
+        self,
+        model: ATokenModel,
+        logit_scale: float,
+        logit_bias: float,
+        learn_logit: bool,
+        trunk_grad_scale: float = 1.0,
     ):
         super().__init__()
         self.model = model
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)), requires_grad=learn_logit)
         self.logit_bias = nn.Parameter(torch.tensor(float(logit_bias)), requires_grad=learn_logit)
+        if not 0.0 <= trunk_grad_scale <= 1.0:
+            raise ValueError(f"trunk_grad_scale must be in [0, 1], got {trunk_grad_scale}")
+        self.trunk_grad_scale = float(trunk_grad_scale)
 
     def forward(
         self,
@@ -548,7 +557,16 @@ class TrainModule(nn.Module):
     ) -> dict[str, Tensor]:
         """Encode, take a posterior sample (or FSQ codes with straight-through), decode."""
         x = SparseTensor(feats, coords)
-        enc = self.model.encode(x)
+        if self.trunk_grad_scale == 1.0:
+            enc = self.model.encode(x)
+        else:
+            # As ATokenModel.encode, but the pooling head's gradient reaches the shared trunk
+            # scaled by trunk_grad_scale (the value is unchanged).
+            hidden = self.model.encode_hidden(x)
+            a = self.trunk_grad_scale
+            to_head = hidden * a + hidden.detach() * (1.0 - a) if a > 0 else hidden.detach()
+            mean, logvar = self.model.proj(hidden).float().chunk(2, dim=1)
+            enc = Encoded(mean, logvar, self.model.pool(to_head, coords), hidden, coords)
         if self.model.quantizer is not None:
             latent, _ = self.model.quantizer(enc.mean, straight_through=True)
         elif sample:
@@ -810,15 +828,34 @@ def save_model(
     config: ATokenConfig | None = None,
     dtype: str = "float32",
     metadata: Mapping[str, str] | None = None,
+    encoder_from: str | None = None,
 ) -> Path:
-    """Official-format safetensors with the config JSON (``atoken_config``) in the metadata."""
+    """Official-format safetensors with the config JSON (``atoken_config``) in the metadata.
+
+    With ``encoder_from`` (a file name in the same folder, e.g. ``"atoken-tiny.safetensors"``)
+    the ``encoder.*`` tensors are left out and recorded as shared with that file (metadata
+    ``encoder_from``); `load_trained` puts them back.
+    """
     cfg = config or model.config
     meta = {CONFIG_KEY: json.dumps(cfg.to_dict())}
     if cfg.text_tower:
         meta["text_tower"] = str(cfg.text_tower)
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     target = copy.deepcopy(model).to(getattr(torch, dtype))
-    return save_checkpoint(target, path, metadata=meta)
+    if encoder_from is None:
+        return save_checkpoint(target, path, metadata=meta)
+    from safetensors.torch import save_file
+
+    meta[ENCODER_FROM_KEY] = str(encoder_from)
+    state = {
+        k: v.detach().contiguous().cpu()
+        for k, v in target.state_dict().items()
+        if not k.startswith("encoder.")
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=meta)
+    return path
 
 
 def _has_config(path: Path) -> bool:
@@ -841,11 +878,30 @@ def config_from_checkpoint(path: str | Path) -> ATokenConfig:
     return ATokenConfig.from_dict(json.loads(meta[CONFIG_KEY]))
 
 
+def _full_state(path: Path, config: ATokenConfig) -> dict[str, Tensor]:
+    """All tensors of a checkpoint, with a shared encoder (``encoder_from``) merged back in."""
+    from safetensors import safe_open
+
+    state = read_state_dict(path)
+    meta = {}
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    if ENCODER_FROM_KEY in meta:
+        base = path.parent / meta[ENCODER_FROM_KEY]
+        if not base.is_file():
+            raise ValueError(f"{path.name} shares its encoder with {base}, which is missing")
+        state.update({k: v for k, v in read_state_dict(base).items() if k.startswith("encoder.")})
+    return state
+
+
 def load_trained(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
 ) -> ATokenModel:
-    """Load a checkpoint written by `save_model` (config from its metadata)."""
-    return load_model(path, config_from_checkpoint(path), device=device, dtype=dtype)
+    """Load a checkpoint written by `save_model` (config from its metadata, shared encoder merged)."""
+    path = Path(path)
+    config = config_from_checkpoint(path)
+    return load_model(_full_state(path, config), config, device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -907,7 +963,8 @@ class Trainer:
         torch.manual_seed(cfg.seed + 1000 * self.rank)
         self.generator = torch.Generator(device=acc.device).manual_seed(cfg.seed + 17 + self.rank)
 
-        model, pretrained = build_model(cfg)
+        model, source_cfg = build_model(cfg)
+        pretrained = source_cfg is not None
         self.stream = self._build_stream()
         if cfg.pca_init and not pretrained:
             count = int(cfg.pca_init.get("patches", 20000))
@@ -918,11 +975,15 @@ class Trainer:
         if cfg.gradient_checkpointing:
             model.set_gradient_checkpointing(True)
         sem = dict(cfg.semantic)
+        # Start the logit scalars from the config, else from the previous stage, else SigLIP's.
+        scale0 = source_cfg.logit_scale if source_cfg is not None else math.log(10.0)
+        bias0 = source_cfg.logit_bias if source_cfg is not None else -10.0
         self.module = TrainModule(
             model,
-            float(sem.get("logit_scale", math.log(10.0))),
-            float(sem.get("logit_bias", -10.0)),
+            float(sem.get("logit_scale", scale0)),
+            float(sem.get("logit_bias", bias0)),
             bool(sem.get("learn_logit", True)),
+            float(sem.get("trunk_grad_scale", 1.0)),
         )
         enc_scale = (
             cfg.encoder_lr_scale

@@ -499,3 +499,58 @@ def test_evaluate_folder(tmp_path):
     assert res["pca_psnr"] > res["psnr"]  # an untrained model is worse than the PCA baseline
     with pytest.raises(ValueError, match="not found"):
         training.evaluate_folder(model, tmp_path / "nope")
+
+
+def test_shared_encoder_checkpoint_round_trip(tmp_path):
+    cfg = training.model_config(tiny_model(48))
+    base = ATokenModel(cfg)
+    training.init_weights(base, seed=1)
+    discrete = ATokenModel(training.model_config(tiny_model(48, quantizer=True)))
+    training.init_weights(discrete, seed=2)
+    discrete.encoder.load_state_dict(base.encoder.state_dict())
+    training.save_model(base, tmp_path / "base.safetensors")
+    part = training.save_model(
+        discrete, tmp_path / "d.safetensors", encoder_from="base.safetensors"
+    )
+    stored = read_state_dict(part)
+    assert stored and not any(k.startswith("encoder.") for k in stored)
+    loaded = training.load_trained(part)
+    assert loaded.is_discrete
+    for k, v in discrete.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    (tmp_path / "base.safetensors").unlink()
+    with pytest.raises(ValueError, match="missing"):
+        training.load_trained(part)
+
+
+def test_next_stage_starts_from_the_learned_logit_scalars(tmp_path):
+    first = training.train_from_config(
+        base_config(tmp_path, "a", ("image",), steps=3, warmup_steps=1)
+    )
+    learned = training.config_from_checkpoint(first.checkpoint)
+    trainer = training.Trainer(
+        training.load_train_config(
+            base_config(
+                tmp_path, "b", ("image",), steps=2, warmup_steps=1, init_from=str(first.checkpoint)
+            )
+        )
+    )
+    assert float(trainer.raw_module.logit_scale) == pytest.approx(learned.logit_scale)
+    assert float(trainer.raw_module.logit_bias) == pytest.approx(learned.logit_bias)
+
+
+def test_trunk_grad_scale_only_scales_the_semantic_gradient():
+    batch = fixed_batch(["image"], budget=40)
+    grads = {}
+    for a in (1.0, 0.25, 0.0):
+        torch.manual_seed(0)
+        model = ATokenModel(training.model_config(tiny_model()))
+        training.init_weights(model, seed=0)
+        module = training.TrainModule(model, 0.0, 0.0, True, trunk_grad_scale=a)
+        out = module(batch.tokens.feats, batch.tokens.coords, sample=False)
+        out["pooled"].sum().backward()  # a purely semantic loss
+        g = model.encoder.blocks[0].mlp.mlp[0].weight.grad
+        grads[a] = torch.zeros(1) if g is None else g.clone()
+        assert model.encoder.head.mlp.mlp[0].weight.grad.abs().sum() > 0  # the head always learns
+    torch.testing.assert_close(grads[0.25], 0.25 * grads[1.0])
+    assert grads[0.0].abs().max() == 0

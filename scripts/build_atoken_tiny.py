@@ -1,0 +1,269 @@
+"""Rebuild the bundled atoken-tiny checkpoints from scratch, then measure them.
+
+    python scripts/build_atoken_tiny.py                  # 4 stages + export + evaluation
+    python scripts/build_atoken_tiny.py --resume         # skip stages that already finished
+    python scripts/build_atoken_tiny.py --eval-only      # measure the files in assets/
+    python scripts/build_atoken_tiny.py --steps-scale 0.02 --out /tmp/tiny  # smoke run
+
+Stages (configs/train/atoken_tiny_s*.yaml): 1 images, 2 + video, 3 + 3D, 4 FSQ with a frozen
+encoder. Stage 3 becomes ``assets/atoken-tiny.safetensors`` and stage 4
+``assets/atoken-tiny-d.safetensors`` (proj + decoder only; its encoder is atoken-tiny's), both
+float16 with the config in the metadata. Training data: scikit-image's astronaut, rocket,
+hubble_deep_field and retina, ``assets/video/bigbuckbunny_512x288.mp4``, ``assets/meshes`` and
+the generated world (`atoken.world`). Held out for evaluation: the photos chelsea, coffee,
+immunohistochemistry and camera, and the world's held-out attribute pairs.
+Everything is written to ``--out`` (default ``build/atoken-tiny``), the report to
+``report.json`` there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from atoken import data, training  # noqa: E402
+from atoken.metrics import psnr, ssim  # noqa: E402
+
+STAGES = ("s1_image", "s2_video", "s3_3d", "s4_fsq")
+TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "retina")
+TEST_PHOTOS = ("chelsea", "coffee", "immunohistochemistry", "camera")
+ASSETS = ROOT / "assets"
+
+
+def run_stages(out: Path, scale: float, resume: bool) -> dict[str, float]:
+    """Train the four stages in order; returns seconds per stage."""
+    times_path = out / "times.json"
+    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
+    previous = None
+    for stage in STAGES:
+        folder = out / stage
+        yaml = ROOT / "configs" / "train" / f"atoken_tiny_{stage}.yaml"
+        done = folder / "model.safetensors"
+        over = {"output_dir": str(folder)}
+        cfg = training.load_train_config(yaml)
+        over["steps"] = max(2, round(cfg.steps * scale))
+        over["warmup_steps"] = min(cfg.warmup_steps, over["steps"] // 2)
+        over["save_every"] = 0 if scale < 1 else cfg.save_every
+        if previous is not None:
+            over["init_from"] = str(previous)
+        for src in cfg.data.get("sources", []):
+            if "cache_dir" in src:
+                src["cache_dir"] = str(out / "voxels")
+            if src.get("type") in ("video_folder", "voxel_folder"):
+                src["path"] = str(ROOT / src["path"])
+        over["data"] = cfg.data
+        if resume and done.is_file() and stage in times:
+            print(f"[build] {stage}: already trained, skipping", flush=True)
+        else:
+            print(f"[build] {stage}: {over['steps']} steps -> {folder}", flush=True)
+            result = training.train_from_config(yaml, **over, resume=bool(resume) or None)
+            times[stage] = result.seconds
+            times_path.parent.mkdir(parents=True, exist_ok=True)
+            times_path.write_text(json.dumps(times, indent=1))
+            print(
+                f"[build] {stage}: {result.seconds / 60:.1f} min, loss {result.first_loss:.4f} "
+                f"-> {result.last_loss:.4f}",
+                flush=True,
+            )
+        previous = done
+    return times
+
+
+def export(out: Path, times: dict[str, float]) -> tuple[Path, Path]:
+    """Write the float16 bundles into assets/."""
+    minutes = {k: round(v / 60, 1) for k, v in times.items()}
+    common = {
+        "training": "scripts/build_atoken_tiny.py",
+        "stage_minutes": json.dumps(minutes),
+        "licence_note": "see assets/atoken-tiny.md",
+    }
+    cont = training.load_trained(out / "s3_3d" / "model.safetensors")
+    cont_path = training.save_model(
+        cont,
+        ASSETS / "atoken-tiny.safetensors",
+        training.export_config(cont, name="atoken-tiny"),
+        "float16",
+        common,
+    )
+    disc = training.load_trained(out / "s4_fsq" / "model.safetensors")
+    # the FSQ model's encoder is stage 3's (frozen in stage 4): store it once
+    enc_a, enc_b = cont.encoder.state_dict(), disc.encoder.state_dict()
+    assert all(torch.equal(enc_a[k], enc_b[k]) for k in enc_a), "stage 4 changed the encoder"
+    disc_path = training.save_model(
+        disc,
+        ASSETS / "atoken-tiny-d.safetensors",
+        training.export_config(disc, name="atoken-tiny-d"),
+        "float16",
+        common,
+        encoder_from="atoken-tiny.safetensors",
+    )
+    return cont_path, disc_path
+
+
+def photo_metrics(model, photos: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """PSNR / SSIM of a model on whole photos (centre crop to multiples of 16)."""
+    pairs = training.reconstruct_arrays(model, list(photos.values()))
+    return {
+        n: {"psnr": psnr(t[0], r[0]), "ssim": ssim(t[0], r[0])} for n, (t, r) in zip(photos, pairs)
+    }
+
+
+def pca_metrics(
+    photos: dict[str, np.ndarray], train: list[np.ndarray]
+) -> dict[str, dict[str, float]]:
+    """Per-patch PCA with 48 numbers per patch, fitted three ways."""
+    out: dict[str, dict[str, float]] = {}
+    pooled = training.pca_reconstruct(list(photos.values()), 48)
+    trained = training.pca_reconstruct(list(photos.values()), 48, fit_on=train)
+    for i, (name, img) in enumerate(photos.items()):
+        target = training.pca_reconstruct([img], 768)[0]  # the centre crop itself
+        own = training.pca_reconstruct([img], 48)[0]
+        out[name] = {
+            "per_photo": psnr(target, own),
+            "pooled_test": psnr(target, pooled[i]),
+            "train_photos": psnr(target, trained[i]),
+        }
+    return out
+
+
+def evaluate(cont_path: Path, disc_path: Path, out: Path) -> dict:
+    """Everything the card reports."""
+    t0 = time.time()
+    photos = dict(zip(TEST_PHOTOS, data.skimage_photos(TEST_PHOTOS)))
+    train = data.skimage_photos(TRAIN_PHOTOS)
+    cont, disc = training.load_trained(cont_path), training.load_trained(disc_path)
+    report: dict = {
+        "files": {p.name: round(p.stat().st_size / 2**20, 2) for p in (cont_path, disc_path)}
+    }
+    report["params"] = sum(p.numel() for p in cont.parameters())
+    report["photos"] = {
+        "atoken-tiny": photo_metrics(cont, photos),
+        "atoken-tiny-d": photo_metrics(disc, photos),
+        "pca48": pca_metrics(photos, train),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        from PIL import Image
+
+        for name, img in photos.items():
+            Image.fromarray(img).save(Path(tmp) / f"{name}.png")
+        report["folder_eval"] = {
+            name: {
+                k: v
+                for k, v in training.evaluate_folder(m, tmp, max_side=None).items()
+                if k != "per_item"
+            }
+            for name, m in (("atoken-tiny", cont), ("atoken-tiny-d", disc))
+        }
+    # videos: a generated held-out clip set and the (seen) training video
+    from atoken import world
+
+    rng = np.random.default_rng(5)
+    clips = [
+        world.render_video(world.sample_spec(rng, "video", "held_out"), 96, 16) for _ in range(8)
+    ]
+    bbb = data.read_frames(ASSETS / "video" / "bigbuckbunny_512x288.mp4", 40, 16)
+    for name, m in (("atoken-tiny", cont), ("atoken-tiny-d", disc)):
+        gen = [psnr(t, r) for t, r in training.reconstruct_arrays(m, clips)]
+        ((t, r),) = training.reconstruct_arrays(m, [bbb])
+        report.setdefault("video", {})[name] = {
+            "world_held_out_psnr": float(np.mean(gen)),
+            "bigbuckbunny_seen_psnr": psnr(t, r),
+        }
+    # 3D: voxel-feature PSNR of held-out primitives (1024-voxel subsets)
+    for name, m in (("atoken-tiny", cont), ("atoken-tiny-d", disc)):
+        vals = []
+        for shape, colour in world.combinations("3d", "held_out"):
+            f, c = world.render_voxels(world.WorldSpec("3d", shape, colour, seed=11))
+            s = data.voxel_sample(f, c, max_tokens=1024, rng=np.random.default_rng(0))
+            b = data.collate([s])
+            with torch.no_grad():
+                rec, _ = m.reconstruct(b.tokens)
+            a = ((b.tokens.feats[:, :768] + 1) * 127.5).clamp(0, 255).round()
+            r = ((rec.feats[:, :768].float() + 1) * 127.5).clamp(0, 255).round()
+            vals.append(psnr(a.numpy().astype(np.uint8), r.numpy().astype(np.uint8)))
+        report.setdefault("voxels", {})[name] = {"held_out_feature_psnr": float(np.mean(vals))}
+    # zero-shot on the generated world
+    zs = {}
+    for kind, count in (("image", 128), ("video", 64), ("3d", 25)):
+        for split in ("held_out", "train"):
+            zs[f"{kind}/{split}"] = training.evaluate_world(
+                cont, "minilm", kind, split=split, count=count, seed=7
+            )
+    report["zero_shot"] = zs
+    report["logit_scale"], report["logit_bias"] = cont.config.logit_scale, cont.config.logit_bias
+    report["eval_seconds"] = time.time() - t0
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def summary(report: dict) -> str:
+    """A short text table of the main numbers."""
+    lines = []
+    ph = report["photos"]
+    lines.append("photo      tiny   tiny-d  pca/photo  pca/pooled  pca/train")
+    for n in TEST_PHOTOS:
+        lines.append(
+            f"{n[:10]:10s} {ph['atoken-tiny'][n]['psnr']:6.2f} {ph['atoken-tiny-d'][n]['psnr']:6.2f} "
+            f"{ph['pca48'][n]['per_photo']:9.2f} {ph['pca48'][n]['pooled_test']:10.2f} "
+            f"{ph['pca48'][n]['train_photos']:9.2f}"
+        )
+    mean = lambda key, sub: float(np.mean([ph[key][n][sub] for n in TEST_PHOTOS]))  # noqa: E731
+    lines.append(
+        f"{'mean':10s} {mean('atoken-tiny', 'psnr'):6.2f} {mean('atoken-tiny-d', 'psnr'):6.2f} "
+        f"{mean('pca48', 'per_photo'):9.2f} {mean('pca48', 'pooled_test'):10.2f} "
+        f"{mean('pca48', 'train_photos'):9.2f}"
+    )
+    for k, v in report["zero_shot"].items():
+        extra = f" motion {v['motion_accuracy']:.2f}" if "motion_accuracy" in v else ""
+        lines.append(
+            f"zero-shot {k:14s} acc {v['accuracy']:.2f} (chance {v['chance']:.3f}) "
+            f"colour {v['colour_accuracy']:.2f} shape {v['shape_accuracy']:.2f}{extra}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Parse arguments, train, export, evaluate."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "build" / "atoken-tiny")
+    ap.add_argument("--steps-scale", type=float, default=1.0)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--eval-only", action="store_true")
+    ap.add_argument("--no-export", action="store_true", help="evaluate the stage outputs in --out")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if args.eval_only:
+        cont, disc = ASSETS / "atoken-tiny.safetensors", ASSETS / "atoken-tiny-d.safetensors"
+    else:
+        times = run_stages(args.out, args.steps_scale, args.resume)
+        if args.no_export:
+            cont = args.out / "s3_3d" / "model.safetensors"
+            disc = args.out / "s4_fsq" / "model.safetensors"
+        else:
+            cont, disc = export(args.out, times)
+        print(
+            f"[build] training: {sum(times.values()) / 60:.1f} min "
+            f"({', '.join(f'{k} {v / 60:.1f}' for k, v in times.items())})",
+            flush=True,
+        )
+    report = evaluate(cont, disc, args.out)
+    print(summary(report))
+    print(
+        f"[build] total wall time {(time.time() - t0) / 60:.1f} min; report: {args.out / 'report.json'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
