@@ -554,3 +554,12 @@ def test_trunk_grad_scale_only_scales_the_semantic_gradient():
         assert model.encoder.head.mlp.mlp[0].weight.grad.abs().sum() > 0  # the head always learns
     torch.testing.assert_close(grads[0.25], 0.25 * grads[1.0])
     assert grads[0.0].abs().max() == 0
+
+
+def test_train_multiprocess_returns_rank0_result(tmp_path):
+    cfg = base_config(tmp_path, "mp", ("image",), steps=2, warmup_steps=1)
+    result = training.train_multiprocess(cfg, num_processes=2)
+    assert result.steps == 2 and len(result.history) == 2
+    assert training.load_trained(result.checkpoint).config.latent_channels == 32
+    with pytest.raises(ValueError, match="num_processes"):
+        training.train_multiprocess(cfg, num_processes=0)
