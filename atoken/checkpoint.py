@@ -29,6 +29,9 @@ KEY_TABLE: list[tuple[str, str]] = [
 ]
 # Keys that official files carry but inference does not use (training-only LPIPS of the GS file).
 IGNORED_KEYS = re.compile(r"^lpips_loss\.")
+CONFIG_KEY = "atoken_config"  # safetensors metadata: the ATokenConfig as JSON
+GS_CONFIG_KEY = "gs_config"  # safetensors metadata: the GSDecoderConfig as JSON
+ENCODER_FROM_KEY = "encoder_from"  # safetensors metadata: file whose encoder.* tensors to use
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -80,6 +83,24 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
     return obj
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
+    """:func:`read_state_dict`, plus the encoder of a sibling file when the metadata says
+    ``encoder_from`` (bundled variants that share one encoder store it once)."""
+    path = Path(path)
+    state = read_state_dict(path)
+    if path.suffix != ".safetensors":
+        return state
+    with safe_open(str(path), framework="pt") as f:
+        base_name = (f.metadata() or {}).get(ENCODER_FROM_KEY)
+    if base_name:
+        base = path.parent / base_name
+        if not base.is_file():
+            raise CheckpointError(f"{path.name} shares its encoder with {base}, which is missing")
+        shared = {k: v for k, v in read_state_dict(base).items() if k.startswith("encoder.")}
+        state = {**shared, **state}
+    return state
 
 
 def rename_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -134,7 +155,7 @@ def _build(cls, config, device: str | torch.device, dtype: torch.dtype, weights)
         return model.to(dtype)
     with torch.device("meta"):
         model = cls(config)
-    state = read_state_dict(weights) if isinstance(weights, (str, Path)) else dict(weights)
+    state = read_checkpoint(weights) if isinstance(weights, (str, Path)) else dict(weights)
     if isinstance(model, GaussianDecoder) and "offset_perturbation" not in rename_keys(state):
         raise CheckpointError("GS checkpoint lacks the persistent buffer 'offset_perturbation'")
     load_into(model, state, assign=True)
@@ -153,10 +174,10 @@ def config_from_checkpoint(path: str | Path) -> ATokenConfig | GSDecoderConfig |
             meta = f.metadata() or {}
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-    if "atoken_config" in meta:
-        return ATokenConfig.from_dict(json.loads(meta["atoken_config"]))
-    if "gs_config" in meta:
-        return GSDecoderConfig(**json.loads(meta["gs_config"]))
+    if CONFIG_KEY in meta:
+        return ATokenConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+    if GS_CONFIG_KEY in meta:
+        return GSDecoderConfig(**json.loads(meta[GS_CONFIG_KEY]))
     return None
 
 

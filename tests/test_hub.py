@@ -65,3 +65,26 @@ def test_config_travels_in_safetensors_metadata(tmp_path):
     assert again.config == model.config
     with pytest.raises(ValueError, match="no config"):
         atoken.load(atoken.save_checkpoint(model, tmp_path / "plain.safetensors"))
+
+
+def test_variant_sharing_an_encoder_loads_whole(tmp_path):
+    """A bundled variant may store only its decoder and name the file holding the encoder."""
+    import json
+
+    from safetensors.torch import save_file
+
+    base = atoken.load(None, "tiny-d")
+    atoken.save_checkpoint(base, tmp_path / "base.safetensors")
+    variant = atoken.load(None, "tiny-d")
+    state = {k: v for k, v in variant.state_dict().items() if not k.startswith("encoder.")}
+    meta = {
+        "atoken_config": json.dumps(variant.config.to_dict()),
+        "encoder_from": "base.safetensors",
+    }
+    save_file(state, str(tmp_path / "variant.safetensors"), metadata=meta)
+    loaded = atoken.load(tmp_path / "variant.safetensors")
+    assert torch.equal(loaded.encoder.input_layer.weight, base.encoder.input_layer.weight)
+    assert torch.equal(loaded.decoder.out_layer.weight, variant.decoder.out_layer.weight)
+    (tmp_path / "base.safetensors").unlink()
+    with pytest.raises(ValueError, match="shares its encoder"):
+        atoken.load(tmp_path / "variant.safetensors")
