@@ -53,9 +53,10 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
+from atoken import checkpoint as _ckpt
 from atoken import data as data_mod
+from atoken.checkpoint import CONFIG_KEY, ENCODER_FROM_KEY, read_checkpoint, save_checkpoint
 from atoken.checkpoint import load as load_model
-from atoken.checkpoint import read_state_dict, save_checkpoint
 from atoken.config import ATokenConfig, TrunkConfig, resolve_config
 from atoken.losses import (
     OBJECTIVE_WEIGHTS,
@@ -76,8 +77,6 @@ from atoken.sparse import SparseTensor
 from atoken.text import TextTower
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
-CONFIG_KEY = "atoken_config"
-ENCODER_FROM_KEY = "encoder_from"
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -98,7 +97,9 @@ class TrainConfig:
     the semantic gradient entering the shared encoder trunk; 1 = the paper).
     ``pca_init``: ``{patches: N, sources: [i, ...]}`` starts a fresh model as per-patch PCA of
     N image patches drawn from the listed sources (default all; see `pca_init`); ignored with
-    ``init_from``. ``lr_scales`` maps parameter-name prefixes to learning-rate factors.
+    ``init_from``. ``fsq_init``: ``{tokens: N, std: s, seed: k}`` rotates and rescales the
+    continuous latent of a pretrained start into the FSQ range before an FSQ stage (see
+    `fsq_rotation_init`). ``lr_scales`` maps parameter-name prefixes to learning-rate factors.
     """
 
     name: str = "run"
@@ -136,6 +137,7 @@ class TrainConfig:
     progress: bool = True
     init_seed: int | None = None
     pca_init: dict[str, Any] | None = None
+    fsq_init: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -362,6 +364,61 @@ def pca_init(
                 block.mlp.mlp[2].bias.zero_()
 
 
+@torch.no_grad()
+def stream_latents(model: ATokenModel, stream: Iterator, count: int) -> Tensor:
+    """``[count, latent]`` posterior means of the tokens of samples drawn from a stream."""
+    got, n = [], 0
+    while n < count:
+        batch = data_mod.collate([next(stream)])
+        mean = model.encode(batch.tokens, pool=False).mean.float()
+        got.append(mean)
+        n += mean.shape[0]
+    return torch.cat(got)[:count]
+
+
+@torch.no_grad()
+def fsq_rotation_init(
+    model: ATokenModel, latents: Tensor, std: float = 0.75, seed: int = 0
+) -> float:
+    """Fit a continuous model's latent into the FSQ range before training its FSQ stage.
+
+    FSQ gives every latent channel the same few levels (4 for AToken), but a continuous latent
+    holds very different variances per channel (a PCA-started one most of all: the mean colour
+    of a patch has most of the energy). Quantising that directly leaves the large channels with
+    4 levels and the small ones with nothing to quantise. We rotate the latent by a random
+    orthogonal matrix ``R`` (energy spread evenly over the channels, the classic transform-
+    coding remedy) and scale it to ``std`` per channel: ``proj``'s mean rows become
+    ``A W`` with ``A = R std / sigma``; the decoder's input layer becomes ``D A^-1 diag(k)``
+    with ``k`` (1.5 for 4 levels) the inverse slope at 0 of FSQ's code before rounding
+    (``(tanh(z + shift) * half_l - offset) / half_width``), so the model still reconstructs
+    about as before, now through the codes. ``latents`` are posterior means of typical data; returns ``sigma`` (their RMS).
+    """
+    if model.quantizer is None:
+        raise ValueError("fsq_rotation_init needs a model with a quantizer")
+    dim = model.quantizer.dim
+    if latents.ndim != 2 or latents.shape[1] < dim or latents.shape[0] < 1:
+        raise ValueError(f"latents must be [N>=1, >={dim}], got {tuple(latents.shape)}")
+    lat = latents[:, :dim].double()
+    sigma = float(lat.pow(2).mean().sqrt())
+    if not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"latents have no energy (rms {sigma})")
+    g = torch.Generator().manual_seed(int(seed))
+    rot, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    a = rot * (std / sigma)
+    a_inv = rot.T * (sigma / std)
+    w = model.proj.weight
+    w[:dim] = (a @ w[:dim].double()).to(w.dtype)
+    # inverse slope at 0 of the code before rounding, bound(z) / half_width, per channel
+    levels = torch.tensor(model.quantizer.levels_tuple, dtype=torch.float64)
+    levels = levels.repeat(dim // len(levels))
+    half_l = (levels - 1) * (1 + 1e-3) / 2
+    offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+    k = (levels // 2) / (half_l * (1 - (offset / half_l) ** 2))
+    d = model.decoder.input_layer.weight
+    d[:, :dim] = (d[:, :dim].double() @ (a_inv * k[:, None])).to(d.dtype)
+    return sigma
+
+
 def frame0_patches(stream: Iterator, count: int) -> Tensor:
     """``[count, 768]`` frame-0 patches (pixels in [-1, 1]) of image samples from a stream."""
     got, n, tries = [], 0, 0
@@ -425,11 +482,11 @@ def build_model(cfg: TrainConfig) -> tuple[ATokenModel, ATokenConfig | None]:
     path = Path(cfg.init_from)
     if cfg.init_config is not None:
         src_cfg = model_config(cfg.init_config)
-    elif path.suffix == ".safetensors" and _has_config(path):
+    elif isinstance(_ckpt.config_from_checkpoint(path), ATokenConfig):
         src_cfg = config_from_checkpoint(path)  # written by save_model: the previous stage
     else:
         src_cfg = model_config(cfg.model)
-    transfer_weights(_full_state(path, src_cfg), model)
+    transfer_weights(read_checkpoint(path), model)
     return model, src_cfg
 
 
@@ -752,7 +809,10 @@ class EMA:
         self.step += 1
         d = min(self.decay, (1 + self.step) / (10 + self.step))
         for k, p in module.named_parameters():
-            self.shadow[k].mul_(d).add_(p.detach().float(), alpha=1 - d)
+            if p.requires_grad:
+                self.shadow[k].mul_(d).add_(p.detach().float(), alpha=1 - d)
+            else:  # frozen: keep it bit-exact (d * x + (1 - d) * x rounds)
+                self.shadow[k].copy_(p.detach().float())
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:
@@ -858,50 +918,19 @@ def save_model(
     return path
 
 
-def _has_config(path: Path) -> bool:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        return False
-    with safe_open(str(path), framework="pt") as f:
-        return CONFIG_KEY in (f.metadata() or {})
-
-
 def config_from_checkpoint(path: str | Path) -> ATokenConfig:
     """The `ATokenConfig` stored in a checkpoint's metadata by `save_model`."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if CONFIG_KEY not in meta:
+    cfg = _ckpt.config_from_checkpoint(path)
+    if not isinstance(cfg, ATokenConfig):
         raise ValueError(f"{path} has no {CONFIG_KEY!r} metadata; pass the config explicitly")
-    return ATokenConfig.from_dict(json.loads(meta[CONFIG_KEY]))
-
-
-def _full_state(path: Path, config: ATokenConfig) -> dict[str, Tensor]:
-    """All tensors of a checkpoint, with a shared encoder (``encoder_from``) merged back in."""
-    from safetensors import safe_open
-
-    state = read_state_dict(path)
-    meta = {}
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    if ENCODER_FROM_KEY in meta:
-        base = path.parent / meta[ENCODER_FROM_KEY]
-        if not base.is_file():
-            raise ValueError(f"{path.name} shares its encoder with {base}, which is missing")
-        state.update({k: v for k, v in read_state_dict(base).items() if k.startswith("encoder.")})
-    return state
+    return cfg
 
 
 def load_trained(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
 ) -> ATokenModel:
     """Load a checkpoint written by `save_model` (config from its metadata, shared encoder merged)."""
-    path = Path(path)
-    config = config_from_checkpoint(path)
-    return load_model(_full_state(path, config), config, device=device, dtype=dtype)
+    return load_model(path, config_from_checkpoint(path), device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -972,6 +1001,12 @@ class Trainer:
             probe = self._build_stream(seed_offset=1, only=cfg.pca_init.get("sources"))
             mean, basis = patch_pca(frame0_patches(probe, count), model.config.latent_channels)
             pca_init(model, mean, basis, float(cfg.pca_init.get("constant", 10.0)))
+        if cfg.fsq_init and pretrained and model.quantizer is not None:
+            probe = self._build_stream(seed_offset=2)
+            lat = stream_latents(model, probe, int(cfg.fsq_init.get("tokens", 20000)))
+            fsq_rotation_init(
+                model, lat, float(cfg.fsq_init.get("std", 0.75)), int(cfg.fsq_init.get("seed", 0))
+            )
         if cfg.gradient_checkpointing:
             model.set_gradient_checkpointing(True)
         sem = dict(cfg.semantic)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageDraw
 
+from atoken.zeroshot import TEMPLATES
+
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross", "heart", "ring")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (214, 39, 40),
@@ -46,40 +48,7 @@ PRIMITIVES = ("sphere", "cube", "cylinder", "cone", "torus")
 KINDS = ("image", "video", "3d")
 SPLITS = ("train", "held_out", "all")
 
-_PROMPTS = {
-    # The zero-shot templates of atoken.zeroshot (kept equal by tests/test_world.py).
-    "image": (
-        "a photo of a {}.",
-        "a bad photo of a {}.",
-        "a photo of many {}.",
-        "a sculpture of a {}.",
-        "a rendering of a {}.",
-        "a cropped photo of the {}.",
-        "a close-up photo of a {}.",
-        "a bright photo of a {}.",
-        "a photo of the large {}.",
-        "a photo of the small {}.",
-        "itap of a {}.",
-        "art of the {}.",
-    ),
-    "video": (
-        "a video of {}.",
-        "a video of a {}.",
-        "a clip of {}.",
-        "a short video showing {}.",
-        "footage of a {}.",
-        "a frame from a video of a {}.",
-    ),
-    "3d": (
-        "a 3D model of {}.",
-        "a 3D model of a {}.",
-        "a 3D render of a {}.",
-        "a 3D object of a {}.",
-        "a rendering of a {}.",
-        "a 3D mesh of a {}.",
-        "a 3D scan of a {}.",
-    ),
-}
+_PROMPTS = TEMPLATES  # captions use the zero-shot templates, so training matches the prompts
 _TEXTURE_WORDS = {"plain": "", "striped": "striped", "dotted": "dotted", "checkered": "checkered"}
 
 

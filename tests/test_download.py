@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
 from atoken import download as dl
 from atoken.download import (
     OFFICIAL_WEIGHTS,

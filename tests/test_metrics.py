@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from skimage import data
+from skimage.metrics import structural_similarity
+
 from atoken.metrics import (
     compression_ratio,
     error_heatmap,
@@ -21,8 +24,6 @@ from atoken.metrics import (
     ssim,
     ssim_per_frame,
 )
-from skimage import data
-from skimage.metrics import structural_similarity
 
 
 def skimage_ssim(a: np.ndarray, b: np.ndarray, data_range: float, channel_axis=None) -> float:

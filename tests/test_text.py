@@ -7,6 +7,7 @@ import socket
 import pytest
 import torch
 import torch.nn.functional as F
+
 from atoken.text import (
     SIGLIP2_CONTEXT,
     SIGLIP2_MODEL_ID,

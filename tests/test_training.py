@@ -122,6 +122,18 @@ def test_ema_matches_hand_computation():
     assert float(ema.shadow["weight"]) == pytest.approx(3.0, abs=1e-4)
 
 
+def test_ema_keeps_frozen_weights_bit_exact():
+    lin = torch.nn.Linear(64, 64)
+    ema = training.EMA(lin, decay=0.999)
+    lin.weight.requires_grad_(False)  # frozen (stage 4 freezes the encoder)
+    with torch.no_grad():
+        lin.bias.add_(1.0)
+    for _ in range(50):
+        ema.update(lin)
+    assert torch.equal(ema.shadow["weight"], lin.weight)
+    assert not torch.equal(ema.shadow["bias"], lin.bias)  # trained weights are still averaged
+
+
 def test_transfer_weights_grows_the_latent():
     small = ATokenModel(training.model_config(tiny_model(latent=32)))
     big = ATokenModel(training.model_config(tiny_model(latent=48)))
@@ -232,7 +244,7 @@ def test_reconstruction_terms_use_the_right_channels():
 
     txt = obj.tower.encode(batch.captions)
     expected = siglip_loss(out["pooled"], txt, module.logit_scale, module.logit_bias)
-    assert float(base["semantic"]) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert float(base["semantic"].detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
 
 
 def test_distillation_term_with_a_random_teacher():
@@ -563,3 +575,35 @@ def test_train_multiprocess_returns_rank0_result(tmp_path):
     assert training.load_trained(result.checkpoint).config.latent_channels == 32
     with pytest.raises(ValueError, match="num_processes"):
         training.train_multiprocess(cfg, num_processes=0)
+
+
+def test_fsq_rotation_init_spreads_the_latent_and_keeps_the_decoder_input():
+    from atoken.config import ATokenConfig
+    from atoken.quantizers import fsq_bound
+
+    torch.manual_seed(0)
+    model = ATokenModel(ATokenConfig.from_dict(tiny_model(latent=48, quantizer=True)))
+    training.init_weights(model, 0)
+    # a latent with very unequal channel energies, as a PCA-started encoder gives
+    hidden = torch.randn(4000, 64)
+    with torch.no_grad():
+        model.proj.weight[:48] *= torch.logspace(1, -1, 48)[:, None]
+        lat = model.proj(hidden)[:, :48]
+        before = model.decoder.input_layer(lat)
+    spread = lat.pow(2).mean(0)
+    assert float(spread.max() / spread.min()) > 100
+    sigma = training.fsq_rotation_init(model, lat, std=0.01, seed=1)
+    assert sigma == pytest.approx(float(lat.pow(2).mean().sqrt()), rel=1e-5)
+    with torch.no_grad():
+        z = model.proj(hidden)[:, :48]
+        levels = model.quantizer._levels(z.device).repeat(8)
+        codes = fsq_bound(z, levels) / (levels // 2)  # FSQ before rounding
+        after = model.decoder.input_layer(codes)
+    rms = z.pow(2).mean(0).sqrt()
+    assert float(z.pow(2).mean().sqrt()) == pytest.approx(0.01, rel=1e-4)
+    assert float(rms.max() / rms.min()) < 4  # 100 before: the rotation spreads the energy
+    # in FSQ's near-linear range the decoder sees what it saw before
+    err = (after - before).norm() / before.norm()
+    assert float(err) < 0.01
+    with pytest.raises(ValueError, match="quantizer"):
+        training.fsq_rotation_init(ATokenModel(ATokenConfig.from_dict(tiny_model())), lat)

@@ -7,12 +7,15 @@ import json
 import math
 from types import SimpleNamespace
 
-import atoken
 import imageio.v2 as iio
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.numpy import save_file
+
+import atoken
 from atoken.text import load_text_tower, make_tiny_siglip2
 from atoken.zeroshot import (
     MAX_LABELS,
@@ -35,8 +38,6 @@ from atoken.zeroshot import (
     templates_for,
     zero_shot_eval,
 )
-from PIL import Image
-from safetensors.numpy import save_file
 
 SCALE, BIAS = 4.8438, -15.5625
 LABELS = ["dog", "cat", "red car", "bird"]
