@@ -12,12 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import atoken
-from atoken.attention import attention_backend, compiled_function
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import atoken  # noqa: E402
+from atoken.attention import attention_backend, compiled_function  # noqa: E402
 
 
 def matmul_peak(device: str, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:

@@ -3,8 +3,9 @@
 python scripts/screenshots.py
 
 Runs the browser tests (Playwright driving Debian's Chromium: ``apt-get install chromium``)
-with ``ATOKEN_SCREENSHOTS`` set, so every tab is shot after a real upload and click. The app
-runs the same model the tests use; retake them when the bundled checkpoint changes.
+with ``ATOKEN_SCREENSHOTS`` set, so every tab is shot after a real upload and click, on the
+bundled checkpoint ``atoken-tiny`` (``ATOKEN_TEST_MODEL``; the tests themselves use the untrained
+``random-tiny``). Retake them when the bundled checkpoint changes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def main() -> int:
     """Run the browser tests with the screenshot folder set; returns their exit status."""
     out = ROOT / "docs" / "screenshots"
     env = dict(os.environ, ATOKEN_SCREENSHOTS=str(out))
+    env.setdefault("ATOKEN_TEST_MODEL", "atoken-tiny")
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "browser", "tests/test_app_browser.py"]
     status = subprocess.call(cmd, cwd=ROOT, env=env)
     print(f"screenshots in {out}: {sorted(p.name for p in out.glob('*.png'))}")

@@ -1,13 +1,15 @@
 """Shared by the app tests: one app instance per test process on 127.0.0.1, and bad uploads.
 
-The app runs the untrained ``random-tiny`` model (the bundled checkpoint may not exist yet) so
-the tests check the app's plumbing, not reconstruction quality.
+The app runs the untrained ``random-tiny`` model so the tests check the app's plumbing, not
+reconstruction quality, and stay fast; ``ATOKEN_TEST_MODEL`` picks another (the screenshot
+script sets ``atoken-tiny``, the bundled checkpoint).
 """
 
 from __future__ import annotations
 
 import atexit
 import io
+import os
 import socket
 import struct
 import subprocess
@@ -51,7 +53,7 @@ def app_server() -> dict:
         from app.models import ModelManager
         from app.session import ROOT as SESSIONS
 
-        manager = ModelManager("random-tiny")
+        manager = ModelManager(os.environ.get("ATOKEN_TEST_MODEL", "random-tiny"))
         demo = build_demo(manager, small_limits())
         demo.queue(default_concurrency_limit=1)
         port = free_port()

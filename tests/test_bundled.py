@@ -1,0 +1,60 @@
+"""The bundled checkpoints atoken-tiny / atoken-tiny-d (assets/, see assets/atoken-tiny.md).
+
+They are part of the repository, so these tests fail (not skip) when a file is missing. The
+thresholds sit well below the card's measurements and far above what an untrained model gives.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import atoken
+from atoken import data, training
+from atoken.hub import bundled_path
+from atoken.metrics import psnr
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return atoken.load_pretrained("atoken-tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_d():
+    return atoken.load_pretrained("atoken-tiny-d")
+
+
+def held_out_crop() -> np.ndarray:
+    """A 192x256 crop of chelsea (a photo kept out of training)."""
+    (img,) = data.skimage_photos(["chelsea"])
+    return img[40:232, 100:356]
+
+
+def test_files_are_small_and_share_the_encoder(tiny, tiny_d):
+    cont, disc = bundled_path("atoken-tiny"), bundled_path("atoken-tiny-d")
+    assert cont is not None and disc is not None
+    assert (cont.stat().st_size + disc.stat().st_size) / 2**20 < 25
+    assert tiny.config.latent_channels == 48 and not tiny.is_discrete
+    assert tiny_d.is_discrete and tiny_d.config.text_tower == "minilm"
+    a, b = tiny.encoder.state_dict(), tiny_d.encoder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(tiny.proj.weight, tiny_d.proj.weight)
+
+
+def test_reconstructs_an_unseen_photo(tiny, tiny_d):
+    random = atoken.load(None, tiny.config)
+    crop = held_out_crop()
+    (t, r), (_, rd) = (training.reconstruct_arrays(m, [crop])[0] for m in (tiny, tiny_d))
+    ((_, r0),) = training.reconstruct_arrays(random, [crop])
+    assert t.shape == r.shape == (1, 192, 256, 3)
+    assert psnr(t[0], r[0]) > 27.0  # card: 32.2 dB on the whole photo
+    assert psnr(t[0], rd[0]) > 19.0  # card: 23.3 dB
+    assert psnr(t[0], r0[0]) < 15.0  # untrained
+
+
+def test_zero_shot_colours_of_held_out_pairs(tiny):
+    res = training.evaluate_world(tiny, "minilm", "image", split="held_out", count=24, seed=3)
+    assert res["accuracy"] > 5 * res["chance"]
+    assert res["colour_accuracy"] > 0.7  # card: 0.97
