@@ -511,7 +511,7 @@ def reconstruct_3d_handler(
     progress=gr.Progress(),  # noqa: B008
 ):
     """Mesh -> voxels -> tokens -> Gaussians: input and .ply viewers, turntable, metrics."""
-    from atoken import pipeline3d  # the 3D issue's pipeline
+    from atoken import pipeline3d
 
     if mesh is None:
         raise gr.Error("Upload a mesh first.")

@@ -26,18 +26,6 @@ OUTPUT = ROOT / "test-output"
 _APP: dict = {}
 
 
-def pipeline3d_missing() -> bool:
-    """True while the 3D issue's ``atoken.pipeline3d`` is not in the tree."""
-    try:
-        import atoken.pipeline3d  # noqa: F401
-    except ImportError:
-        return True
-    return False
-
-
-PIPELINE3D_REASON = "atoken.pipeline3d (the 3D issue's reconstruct_asset) is not in the tree yet"
-
-
 def small_limits():
     """Tight limits so the limit checks can be exercised cheaply."""
     from app.handlers import Limits

@@ -17,9 +17,7 @@ from tests.app_support import (
     EXAMPLES,
     MESHES,
     OUTPUT,
-    PIPELINE3D_REASON,
     app_server,
-    pipeline3d_missing,
     text_as_png,
     thin_rod,
 )
@@ -166,33 +164,28 @@ def test_3d_tab_viewer_renders_when_the_tab_opens(page, tmp_path):
     )
     w, h = canvas_size(page, "#mesh-view")
     assert w > 100 and h > 100  # not collapsed
-    if pipeline3d_missing():
-        page.click("#mesh-run")
-        page.wait_for_selector(":text('pipeline3d')")
-    else:
-        page.locator("#mesh-input button[aria-label='Clear']").click()
-        # a few hundred voxels: seconds on CPU; the README screenshot shows the duck instead
-        mesh = MESHES / "duck.glb" if os.environ.get("ATOKEN_SCREENSHOTS") else thin_rod(tmp_path)
-        upload(page, "#mesh-input", mesh)
-        page.wait_for_function(
-            f"() => document.querySelector('#mesh-input').innerText.includes('{mesh.stem}')"
-        )
-        page.click("#mesh-run")
-        page.wait_for_selector("#mesh-metrics :text('gaussians')")
-        page.wait_for_function(
-            "() => { const c = document.querySelector('#gs-view canvas');"
-            " return c && c.clientWidth > 100 && c.clientHeight > 100; }"
-        )
-        wait_video(page, "#mesh-turntable")
-        open_tab(page, "Image")  # away and back: the viewers keep their size
-        open_tab(page, "3D")
-        assert (
-            min(canvas_size(page, "#gs-view")) > 100 and min(canvas_size(page, "#mesh-view")) > 100
-        )
+    page.locator("#mesh-input button[aria-label='Clear']").click()
+    # a few hundred voxels: seconds on CPU; the README screenshot shows the duck instead
+    mesh = MESHES / "duck.glb" if os.environ.get("ATOKEN_SCREENSHOTS") else thin_rod(tmp_path)
+    upload(page, "#mesh-input", mesh)
+    page.wait_for_function(
+        f"() => document.querySelector('#mesh-input').innerText.includes('{mesh.stem}')"
+    )
+    page.click("#mesh-run")
+    page.wait_for_selector("#mesh-metrics :text('gaussians')")
+    page.wait_for_function(
+        "() => { const c = document.querySelector('#gs-view canvas');"
+        " return c && c.clientWidth > 100 && c.clientHeight > 100; }"
+    )
+    wait_video(page, "#mesh-turntable")
+    open_tab(page, "Image")  # away and back: the viewers keep their size
+    open_tab(page, "3D")
+    assert (
+        min(canvas_size(page, "#gs-view")) > 100 and min(canvas_size(page, "#mesh-view")) > 100
+    )
     shot(page, "3d_tab")
 
 
-@pytest.mark.skipif(pipeline3d_missing(), reason=PIPELINE3D_REASON)
 def test_3d_result_classifies(page):
     open_tab(page, "Zero-shot")
     page.get_by_label("3D tab").check()

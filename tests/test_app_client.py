@@ -8,18 +8,15 @@ import os
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
-from gradio_client.exceptions import AppError, ValidationError
+from gradio_client.exceptions import ValidationError
 
 from atoken.media import probe_video, read_image
 from atoken.metrics import psnr, ssim
 from tests.app_support import (
     EXAMPLES,
-    MESHES,
-    PIPELINE3D_REASON,
     app_server,
     broken_glb,
     huge_png,
-    pipeline3d_missing,
     text_as_png,
     thin_rod,
     truncated_jpeg,
@@ -109,7 +106,6 @@ def test_reconstruct_video_outputs(client):
     assert probe_video(pca).num_frames == 8 and len(files) == 4
 
 
-@pytest.mark.skipif(pipeline3d_missing(), reason=PIPELINE3D_REASON)
 def test_reconstruct_3d_outputs(client, tmp_path):
     glb, ply, turntable, metrics, files = client.predict(
         handle_file(str(thin_rod(tmp_path))), 8, 128, 2, api_name="/reconstruct_3d"
@@ -121,12 +117,6 @@ def test_reconstruct_3d_outputs(client, tmp_path):
     assert header.startswith("ply") and "property float opacity" in header
     _, label = client.predict("3D tab", None, "duck, car", "sigmoid", api_name="/classify")
     assert {c["label"] for c in label["confidences"]} == {"duck", "car"}
-
-
-@pytest.mark.skipif(not pipeline3d_missing(), reason="atoken.pipeline3d is present")
-def test_reconstruct_3d_says_the_pipeline_is_missing(client):
-    with pytest.raises(AppError, match="pipeline3d"):
-        client.predict(handle_file(str(MESHES / "duck.glb")), 8, 128, 0, api_name="/reconstruct_3d")
 
 
 @pytest.mark.parametrize("make", [text_as_png, truncated_jpeg, huge_png])

@@ -21,11 +21,9 @@ from atoken.visualize import code_usage
 from tests.app_support import (
     EXAMPLES,
     MESHES,
-    PIPELINE3D_REASON,
     broken_glb,
     huge_png,
     long_video,
-    pipeline3d_missing,
     small_limits,
     text_as_png,
     thin_rod,
@@ -256,7 +254,6 @@ def test_mesh_validation_and_preview(manager, tmp_path):
     assert np.allclose((bounds[1] - bounds[0]).max(), 1.0, atol=1e-3)  # normalised to the unit box
 
 
-@pytest.mark.skipif(pipeline3d_missing(), reason=PIPELINE3D_REASON)
 def test_reconstruct_3d_outputs_and_classification(manager, tmp_path):
     glb, ply, turntable, metrics, files, state = h.reconstruct_3d_handler(
         str(thin_rod(tmp_path)), 8, 128, 2, Req("3d")
