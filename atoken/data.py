@@ -39,6 +39,7 @@ from torch import Tensor
 from atoken import world
 from atoken.patchify import PATCH, TOKEN_CHANNELS, patchify, prepare_clip, tokenize_3d
 from atoken.sparse import SparseTensor
+from atoken.zeroshot import load_voxels
 
 KINDS = ("image", "video", "3d")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
@@ -537,40 +538,14 @@ class VideoFolderSource(Source):
         return video_sample(clip, self.captions[i], tag)
 
 
-def read_voxels(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """A packed 3D asset (``.safetensors`` / ``.npz`` with feats + coords) or a mesh file."""
-    path = Path(path)
-    if path.suffix.lower() in MESH_SUFFIXES:
-        from atoken.mesh_render import mesh_to_voxels  # renders views: imported only when used
-
-        f, c = mesh_to_voxels(path)
-        return np.asarray(f, dtype=np.float32), np.asarray(c)
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.numpy import load_file
-
-        data = load_file(str(path))
-    elif path.suffix.lower() == ".npz":
-        with np.load(path) as z:
-            data = {k: z[k] for k in z.files}
-    else:
-        raise ValueError(f"{path.name}: not a packed 3D asset (.safetensors / .npz) or a mesh")
-    feats = data.get("feats", data.get("feats768"))
-    coords = data.get("coords", data.get("coords_xyz"))
-    if feats is None or coords is None:
-        raise ValueError(
-            f"{path.name} must hold 'feats' [M, 768] and 'coords' [M, 3]; has {sorted(data)}"
-        )
-    return np.asarray(feats, dtype=np.float32), np.asarray(coords)
-
-
 def _read_voxels_cached(path: Path, cache_dir: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
     """Meshes are rendered and packed once; the packed result is kept under ``cache_dir``."""
     if cache_dir is None or path.suffix.lower() not in MESH_SUFFIXES:
-        return read_voxels(path)
+        return load_voxels(path)
     cached = Path(cache_dir) / f"{path.stem}{path.suffix.replace('.', '_')}.safetensors"
     if not cached.is_file():
-        save_voxels(cached, *read_voxels(path))
-    return read_voxels(cached)
+        save_voxels(cached, *load_voxels(path))
+    return load_voxels(cached)
 
 
 def save_voxels(path: str | Path, feats, coords) -> Path:
@@ -689,7 +664,7 @@ def _cached_voxels(
     if cache_dir is not None:
         path = Path(cache_dir) / f"{spec.shape}_{spec.colour}_{spec.seed}.safetensors"
         if path.is_file():
-            return read_voxels(path)
+            return load_voxels(path)
     f, c = world.render_voxels(spec)
     f, c = np.asarray(f, dtype=np.float32), np.asarray(c)
     if cache_dir is not None:

@@ -50,22 +50,20 @@ from atoken.attention import attention_backend
 from atoken.cameras import Camera, camera_from_fov, orbit_cameras
 from atoken.checkpoint import save_checkpoint
 from atoken.config import GSDecoderConfig
-from atoken.gaussians import FILTER_2D, Gaussians
+from atoken.gaussians import Gaussians
 from atoken.gs_decoder import GaussianDecoder
 from atoken.mesh import normalize_mesh
 from atoken.mesh_render import DEFAULT_FOV, DEFAULT_RADIUS, mesh_to_voxels, render_views
 from atoken.multiview import RESOLUTION as GRID
 from atoken.rasterize import (
     ALPHA_MAX,
-    CLAMP_FOV,
     DEFAULT_FAR,
     DEFAULT_NEAR,
     T_MIN,
     TILE,
     ProjectedGaussians,
     project_gaussians,
-    projection_matrix,
-    quaternion_to_matrix,
+    screen_space,
 )
 from atoken.sparse import SparseTensor
 
@@ -111,43 +109,11 @@ def screen_gaussians(
     near: float = DEFAULT_NEAR,
     far: float = DEFAULT_FAR,
 ) -> ScreenGaussians:
-    """The rasteriser's projection (``project_gaussians``) with autograd, in the input dtype."""
-    xyz = gaussians.xyz
-    dtype, device = xyz.dtype, xyz.device
-    width, height = camera.width, camera.height
-    w2c = camera.w2c.detach().to(device, dtype)
-    full = projection_matrix(camera, near, far).to(device, dtype) @ w2c
-    p_view = xyz @ w2c[:3, :3].T + w2c[:3, 3]
-    p_hom = xyz @ full[:, :3].T + full[:, 3]
-    p_w = 1.0 / (p_hom[:, 3] + 1e-7)
-    size = torch.tensor([width, height], dtype=dtype, device=device)
-    mean2d = ((p_hom[:, :2] * p_w[:, None] + 1.0) * size - 1.0) * 0.5
-
-    tan_x, tan_y = 0.5 / camera.fx, 0.5 / camera.fy
-    focal_x, focal_y = width / (2.0 * tan_x), height / (2.0 * tan_y)
-    tz = p_view[:, 2]
-    tx = (p_view[:, 0] / tz).clamp(-CLAMP_FOV * tan_x, CLAMP_FOV * tan_x) * tz
-    ty = (p_view[:, 1] / tz).clamp(-CLAMP_FOV * tan_y, CLAMP_FOV * tan_y) * tz
-    zeros = torch.zeros_like(tz)
-    jac = torch.stack(
-        [focal_x / tz, zeros, -(focal_x * tx) / (tz * tz),
-         zeros, focal_y / tz, -(focal_y * ty) / (tz * tz)], -1,
-    ).reshape(-1, 2, 3)  # fmt: skip
-    rot = quaternion_to_matrix(gaussians.rotation)
-    scaled = rot * gaussians.scaling[:, None, :]
-    proj_m = jac @ (w2c[:3, :3] @ scaled)
-    cov = proj_m @ proj_m.transpose(1, 2)
-    c00, c01, c11 = cov[:, 0, 0], cov[:, 0, 1], cov[:, 1, 1]
-    det0 = (c00 * c11 - c01 * c01).clamp_min(1e-6)
-    det1 = ((c00 + FILTER_2D) * (c11 + FILTER_2D) - c01 * c01).clamp_min(1e-6)
-    coef = torch.sqrt(det0 / (det1 + 1e-6) + 1e-6)
-    coef = torch.where((det0 <= 1e-6) | (det1 <= 1e-6), torch.zeros_like(coef), coef)
-    c00, c11 = c00 + FILTER_2D, c11 + FILTER_2D
-    det = c00 * c11 - c01 * c01
-    det_inv = 1.0 / det
-    conic = torch.stack([c11 * det_inv, -c01 * det_inv, c00 * det_inv], -1)
-    opacity = gaussians.opacity[:, 0] * coef
-    return ScreenGaussians(mean2d=mean2d, conic=conic, opacity=opacity, colors=gaussians.colors)
+    """The rasteriser's projection (`atoken.rasterize.screen_space`) with autograd, in the
+    input dtype."""
+    s = screen_space(gaussians.xyz, gaussians.rotation, gaussians.scaling, camera, near, far)
+    opacity = gaussians.opacity[:, 0] * s.coef
+    return ScreenGaussians(mean2d=s.mean2d, conic=s.conic, opacity=opacity, colors=gaussians.colors)
 
 
 def _footprints(proj: ProjectedGaussians, width: int, height: int) -> Tensor:

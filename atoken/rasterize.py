@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -123,26 +124,38 @@ def _check_camera(camera: Camera, near: float, far: float) -> None:
         raise ValueError(f"need 0 < near < far, got near={near}, far={far}")
 
 
-def project_gaussians(
-    gaussians: Gaussians,
+class ScreenSpace(NamedTuple):
+    """Screen-space quantities of Gaussians (see `screen_space`)."""
+
+    mean2d: Tensor  # [M, 2] pixel centres
+    conic: Tensor  # [M, 3] inverse of the filtered 2D covariance (a, b, c)
+    coef: Tensor  # [M] mip-splatting opacity compensation
+    depth: Tensor  # [M] view-space z
+    c00: Tensor  # [M] filtered 2D covariance diagonal
+    c11: Tensor
+    det: Tensor  # [M] its determinant
+
+
+def screen_space(
+    xyz: Tensor,
+    rotation: Tensor,
+    scaling: Tensor,
     camera: Camera,
-    *,
     near: float = DEFAULT_NEAR,
     far: float = DEFAULT_FAR,
-) -> ProjectedGaussians:
-    """Official ``preprocessCUDA`` in float32: cull, project, EWA + mip filter, tile rectangles."""
-    _check_camera(camera, near, far)
-    device = gaussians.xyz.device
+) -> ScreenSpace:
+    """Official ``preprocessCUDA`` maths (project, EWA with the clamped tangent, mip 2D filter)
+    in the dtype of ``xyz`` and with autograd: `project_gaussians` runs it on detached float32
+    tensors, the training renderer (`atoken.gs_training`) on the live parameters."""
+    dtype, device = xyz.dtype, xyz.device
     width, height = camera.width, camera.height
-    grid_x, grid_y = -(-width // TILE), -(-height // TILE)
-    xyz = gaussians.xyz.detach().float()
-    w2c = camera.w2c.detach().to(device, torch.float32)
-    full = projection_matrix(camera, near, far).to(device) @ w2c  # full_proj_transform
+    w2c = camera.w2c.detach().to(device, dtype)
+    full = projection_matrix(camera, near, far).to(device, dtype) @ w2c  # full_proj_transform
 
     p_view = xyz @ w2c[:3, :3].T + w2c[:3, 3]
     p_hom = xyz @ full[:, :3].T + full[:, 3]
     p_w = 1.0 / (p_hom[:, 3] + 1e-7)
-    size = torch.tensor([width, height], dtype=torch.float32, device=device)
+    size = torch.tensor([width, height], dtype=dtype, device=device)
     mean2d = ((p_hom[:, :2] * p_w[:, None] + 1.0) * size - 1.0) * 0.5  # ndc2Pix
 
     # computeCov2D: EWA with the view-space tangent clamped at 1.3 tan(fov / 2).
@@ -156,8 +169,8 @@ def project_gaussians(
         [focal_x / tz, zeros, -(focal_x * tx) / (tz * tz),
          zeros, focal_y / tz, -(focal_y * ty) / (tz * tz)], -1,
     ).reshape(-1, 2, 3)  # fmt: skip
-    rot = quaternion_to_matrix(gaussians.rotation.detach().float())
-    scaled = rot * gaussians.scaling.detach().float()[:, None, :]  # R diag(s): Sigma = M M^T
+    rot = quaternion_to_matrix(rotation)
+    scaled = rot * scaling[:, None, :]  # R diag(s): Sigma = M M^T
     proj_m = jac @ (w2c[:3, :3] @ scaled)  # [M, 2, 3]: J W R S
     cov = proj_m @ proj_m.transpose(1, 2)  # [M, 2, 2]
     c00, c01, c11 = cov[:, 0, 0], cov[:, 0, 1], cov[:, 1, 1]
@@ -172,6 +185,28 @@ def project_gaussians(
     det = c00 * c11 - c01 * c01
     det_inv = 1.0 / det
     conic = torch.stack([c11 * det_inv, -c01 * det_inv, c00 * det_inv], -1)
+    return ScreenSpace(mean2d, conic, coef, tz, c00, c11, det)
+
+
+def project_gaussians(
+    gaussians: Gaussians,
+    camera: Camera,
+    *,
+    near: float = DEFAULT_NEAR,
+    far: float = DEFAULT_FAR,
+) -> ProjectedGaussians:
+    """Official ``preprocessCUDA`` in float32: cull, project, EWA + mip filter, tile rectangles."""
+    _check_camera(camera, near, far)
+    width, height = camera.width, camera.height
+    grid_x, grid_y = -(-width // TILE), -(-height // TILE)
+    mean2d, conic, coef, tz, c00, c11, det = screen_space(
+        gaussians.xyz.detach().float(),
+        gaussians.rotation.detach().float(),
+        gaussians.scaling.detach().float(),
+        camera,
+        near,
+        far,
+    )
     mid = 0.5 * (c00 + c11)
     lambda1 = mid + torch.sqrt((mid * mid - det).clamp_min(0.1))
     radius = torch.ceil(3.0 * torch.sqrt(lambda1))

@@ -408,12 +408,13 @@ def fsq_rotation_init(
     a_inv = rot.T * (sigma / std)
     w = model.proj.weight
     w[:dim] = (a @ w[:dim].double()).to(w.dtype)
-    # inverse slope at 0 of the code before rounding, bound(z) / half_width, per channel
-    levels = torch.tensor(model.quantizer.levels_tuple, dtype=torch.float64)
-    levels = levels.repeat(dim // len(levels))
-    half_l = (levels - 1) * (1 + 1e-3) / 2
-    offset = torch.where(levels % 2 == 0, 0.5, 0.0)
-    k = (levels // 2) / (half_l * (1 - (offset / half_l) ** 2))
+    # inverse slope at 0 of the code before rounding, per channel: the quantizer's own
+    # straight-through gradient (the derivative of bound(z) / half_width)
+    with torch.enable_grad():
+        z0 = torch.zeros(1, dim, requires_grad=True)
+        codes, _ = model.quantizer(z0, straight_through=True)
+        (slope,) = torch.autograd.grad(codes.sum(), z0)
+    k = 1.0 / slope[0].double()
     d = model.decoder.input_layer.weight
     d[:, :dim] = (d[:, :dim].double() @ (a_inv * k[:, None])).to(d.dtype)
     return sigma
@@ -1107,7 +1108,8 @@ class Trainer:
             {
                 "stream": self.stream.state_dict(),
                 "generator": self.generator.get_state(),
-                "pending": self.batches.pending,
+                # plain tensors and strings, so resuming needs no unpickling (weights_only)
+                "pending": None if self.batches.pending is None else asdict(self.batches.pending),
             },
             d / f"data_rank{self.rank}.pt",
         )
@@ -1131,7 +1133,7 @@ class Trainer:
             d = Path(str(where))
         if not (d / "trainer.pt").is_file():
             raise ValueError(f"no resumable state in {str(d)!r} (expected trainer.pt)")
-        blob = torch.load(d / "trainer.pt", map_location="cpu", weights_only=False)
+        blob = torch.load(d / "trainer.pt", map_location="cpu", weights_only=True)
         self.raw_module.load_state_dict(blob["module"])
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
@@ -1140,10 +1142,11 @@ class Trainer:
         torch.set_rng_state(blob["torch_rng"])
         f = d / f"data_rank{self.rank}.pt"
         if f.is_file():  # absent when resuming with more ranks than the run had
-            state = torch.load(f, map_location="cpu", weights_only=False)
+            state = torch.load(f, map_location="cpu", weights_only=True)
             self.stream.load_state_dict(state["stream"])
             self.generator.set_state(state["generator"])
-            self.batches.pending = state["pending"]
+            pending = state["pending"]
+            self.batches.pending = None if pending is None else data_mod.Sample(**pending)
 
     # -- loop ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -1335,7 +1338,9 @@ def train_from_config(path_or_dict: str | Path | Mapping[str, Any], **overrides)
     return Trainer(cfg).fit()
 
 
-def _spawned(rank: int, world: int, port: int, cfg: dict[str, Any], result_path: str) -> None:
+def set_local_rank_env(rank: int, world: int, port: int) -> None:
+    """The environment torch.distributed / accelerate read, for process ``rank`` of ``world``
+    on this machine (rendezvous on 127.0.0.1:``port``)."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -1344,10 +1349,15 @@ def _spawned(rank: int, world: int, port: int, cfg: dict[str, Any], result_path:
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world),
     )
+
+
+def _spawned(rank: int, world: int, port: int, cfg: dict[str, Any], result_path: str) -> None:
+    set_local_rank_env(rank, world, port)
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.get("threads") or 1))
     result = Trainer(load_train_config(cfg)).fit()
-    if rank == 0:
-        torch.save(asdict(result), result_path)
+    if rank == 0:  # paths as strings: the parent reads it back with weights_only=True
+        out = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}
+        torch.save(out, result_path)
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -1382,7 +1392,7 @@ def train_multiprocess(
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "result.pt")
         mp.spawn(_spawned, args=(num_processes, port, raw, path), nprocs=num_processes, join=True)
-        out = torch.load(path, weights_only=False)
+        out = torch.load(path, weights_only=True)
     for key in ("output_dir", "checkpoint", "raw_checkpoint"):
         out[key] = Path(out[key])
     return TrainResult(**out)

@@ -48,7 +48,6 @@ PRIMITIVES = ("sphere", "cube", "cylinder", "cone", "torus")
 KINDS = ("image", "video", "3d")
 SPLITS = ("train", "held_out", "all")
 
-_PROMPTS = TEMPLATES  # captions use the zero-shot templates, so training matches the prompts
 _TEXTURE_WORDS = {"plain": "", "striped": "striped", "dotted": "dotted", "checkered": "checkered"}
 
 
@@ -89,16 +88,16 @@ class WorldSpec:
 
     def caption(self, template: int | None = None) -> str:
         """The label inside one of the modality's prompt templates (index or the seed's choice)."""
-        prompts = _PROMPTS[self.kind]
+        prompts = TEMPLATES[self.kind]
         i = self.seed % len(prompts) if template is None else int(template)
         return prompts[i % len(prompts)].format(self.label)
 
 
 def prompt_templates(kind: str) -> tuple[str, ...]:
     """Caption templates of a modality (the zero-shot templates)."""
-    if kind not in _PROMPTS:
+    if kind not in TEMPLATES:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return _PROMPTS[kind]
+    return TEMPLATES[kind]
 
 
 def is_held_out(kind: str, shape: str, colour: str) -> bool:
