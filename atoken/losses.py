@@ -474,6 +474,13 @@ def pooled_features(feats: Sequence[Tensor]) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def _resized_224(images: Tensor | Sequence[Tensor]) -> Tensor:
+    """``[B, 3, H, W]`` or a list of ``[3, H_i, W_i]`` images -> ``[B, 3, 224, 224]``."""
+    if isinstance(images, Tensor):
+        return resize_224(images)
+    return torch.stack([resize_224(x.reshape(3, *x.shape[-2:])) for x in images])
+
+
 class ImageReconstructionLoss(nn.Module):
     """Image reconstruction loss of §3.3: L1 + LPIPS-style + Gram + CLIP-style perceptual.
 
@@ -489,6 +496,8 @@ class ImageReconstructionLoss(nn.Module):
         embed_net: callable ``[B, 3, 224, 224] -> [B, D]`` of the CLIP-style term.
         lpips_weights: optional per-layer channel weights for `lpips_distance`.
         l1_weight, lpips_weight, gram_weight, perceptual_weight: the paper's 1, 10, 1e3, 1.
+        mse_weight: an extra mean-squared-error term at native resolution (not in the paper,
+            default 0). PSNR is an MSE measure; L1 alone settles on the median.
     """
 
     def __init__(
@@ -501,6 +510,7 @@ class ImageReconstructionLoss(nn.Module):
         lpips_weight: float = 10.0,
         gram_weight: float = 1e3,
         perceptual_weight: float = 1.0,
+        mse_weight: float = 0.0,
     ) -> None:
         super().__init__()
         for name, net in (
@@ -519,6 +529,7 @@ class ImageReconstructionLoss(nn.Module):
             "lpips": float(lpips_weight),
             "gram": float(gram_weight),
             "perceptual": float(perceptual_weight),
+            "mse": float(mse_weight),
         }
 
     def train(self, mode: bool = True) -> ImageReconstructionLoss:
@@ -532,7 +543,7 @@ class ImageReconstructionLoss(nn.Module):
     def forward(
         self, recon: Tensor | Sequence[Tensor], target: Tensor | Sequence[Tensor]
     ) -> dict[str, Tensor]:
-        """Terms ``l1, lpips, gram, perceptual`` (unweighted) and their weighted ``total``.
+        """Terms ``l1, lpips, gram, perceptual, mse`` (unweighted) and their weighted ``total``.
 
         Args:
             recon, target: ``[B, 3, H, W]`` in ``[-1, 1]``, or lists of ``[3, H_i, W_i]`` images
@@ -545,27 +556,38 @@ class ImageReconstructionLoss(nn.Module):
                 raise ValueError(f"images must be [B, 3, H, W], got {tuple(recon.shape)}")
             _check_same_shape(recon, target, "ImageReconstructionLoss")
             l1 = l1_loss(recon.float(), target.float())
-            small_r, small_t = resize_224(recon), resize_224(target)
+            mse = (recon.float() - target.float()).square().mean()
         else:
             recon, target = list(recon), list(target)
             if len(recon) != len(target) or not recon:
                 raise ValueError(
                     f"need equally many recon and target images, got {len(recon)} and {len(target)}"
                 )
-            abs_sum, count = 0.0, 0
+            abs_sum, sq_sum, count = 0.0, 0.0, 0
             for r, t in zip(recon, target):
                 r3, t3 = r.reshape(-1, *r.shape[-2:]), t.reshape(-1, *t.shape[-2:])
                 _check_same_shape(r3, t3, "ImageReconstructionLoss item")
                 if r3.shape[0] != 3:
                     raise ValueError(f"images must be [3, H, W], got {tuple(r.shape)}")
-                abs_sum = abs_sum + (r3.float() - t3.float()).abs().sum()
+                diff = r3.float() - t3.float()
+                abs_sum = abs_sum + diff.abs().sum()
+                sq_sum = sq_sum + diff.square().sum()
                 count += r3.numel()
-            l1 = abs_sum / count
-            small_r = torch.stack([resize_224(r.reshape(3, *r.shape[-2:])) for r in recon])
-            small_t = torch.stack([resize_224(t.reshape(3, *t.shape[-2:])) for t in target])
+            l1, mse = abs_sum / count, sq_sum / count
 
         zero = l1.new_zeros(())
-        terms = {"l1": l1, "lpips": zero, "gram": zero, "perceptual": zero}
+        terms = {"l1": l1, "lpips": zero, "gram": zero, "perceptual": zero, "mse": mse}
+        needs_small = any(
+            net is not None and self.weights[k] != 0.0
+            for k, net in (
+                ("lpips", self.lpips_net),
+                ("gram", self.gram_net),
+                ("perceptual", self.embed_net),
+            )
+        )
+        small_r = small_t = None
+        if needs_small:  # the 224x224 copies only when a feature term needs them
+            small_r, small_t = _resized_224(recon), _resized_224(target)
         nets = {"lpips": self.lpips_net, "gram": self.gram_net}
         cache: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
         for name, net in nets.items():

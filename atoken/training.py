@@ -89,7 +89,7 @@ class TrainConfig:
     ``data``: ``token_budget``, ``max_items`` and ``sources`` (each a mapping with ``type`` and
     ``weight``; types in `atoken.data.SOURCE_TYPES`).
     ``loss``: ``weights`` (reconstruction, semantic, kl), ``image`` (l1, lpips, gram,
-    perceptual weights and ``feature_net``: ``{layout, seed, path}``), ``sample_posterior``.
+    perceptual and mse weights and ``feature_net``: ``{layout, seed, path}``), ``sample_posterior``.
     ``semantic``: ``text_tower`` (``"minilm"``, ``"siglip2"``, a folder, ``"random:<dim>"`` or
     None), ``image_mode`` (``"siglip"`` or ``"distill"``), ``teacher`` (``{type: conv, ...}`` or
     ``{type: import, target: "module:callable", kwargs}``), ``logit_scale`` / ``logit_bias``
@@ -658,7 +658,13 @@ class Objective:
         net = None
         terms = {
             k: float(image.get(k, d))
-            for k, d in (("l1", 1.0), ("lpips", 10.0), ("gram", 1e3), ("perceptual", 1.0))
+            for k, d in (
+                ("l1", 1.0),
+                ("lpips", 10.0),
+                ("gram", 1e3),
+                ("perceptual", 1.0),
+                ("mse", 0.0),
+            )
         }
         if any(terms[k] for k in ("lpips", "gram", "perceptual")):
             if net_spec.get("path"):
@@ -685,6 +691,7 @@ class Objective:
             lpips_weight=terms["lpips"],
             gram_weight=terms["gram"],
             perceptual_weight=terms["perceptual"],
+            mse_weight=terms["mse"],
         )
         self.sample_posterior = bool(loss.get("sample_posterior", True))
         self.tower = resolve_text_tower(semantic.get("text_tower"))
@@ -734,7 +741,7 @@ class Objective:
             if kind == "image":
                 r, t = self.images_of(rec, batch, rows)
                 parts = self.image_loss(r, t)
-                for name in ("l1", "lpips", "gram", "perceptual"):
+                for name in ("l1", "lpips", "gram", "perceptual", "mse"):
                     terms[f"image_{name}"] = parts[name].detach()
                 value = parts["total"]
             else:
@@ -1306,6 +1313,7 @@ class Trainer:
             "image_lpips",
             "image_gram",
             "image_perceptual",
+            "image_mse",
             "video_l1",
             "3d_l1",
             "siglip",
@@ -1317,6 +1325,9 @@ class Trainer:
             "tokens_per_s",
         ]
         new = not csv_path.exists()
+        if not new:  # a resumed run keeps the columns its file started with
+            with csv_path.open(newline="") as f:
+                keys = next(csv.reader(f), None) or keys
         with csv_path.open("a", newline="") as f:
             w = csv.writer(f)
             if new:

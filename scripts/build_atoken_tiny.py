@@ -1,12 +1,13 @@
 """Rebuild the bundled atoken-tiny checkpoints from scratch, then measure them.
 
-    python scripts/build_atoken_tiny.py                  # 4 stages + export + evaluation
+    python scripts/build_atoken_tiny.py                  # 6 stages + export + evaluation
     python scripts/build_atoken_tiny.py --resume         # skip stages that already finished
     python scripts/build_atoken_tiny.py --eval-only      # measure the files in assets/
     python scripts/build_atoken_tiny.py --steps-scale 0.02 --out /tmp/tiny  # smoke run
 
 Stages (configs/train/atoken_tiny_s*.yaml): 1 images, 2 + video, 3 + 3D, 3b reconstruction
-polish of proj + decoder (encoder frozen), 4 FSQ with the same frozen encoder. Stage 3b becomes
+polish of proj + decoder (encoder frozen), then from 3b: 4 FSQ with the same frozen encoder, and
+3c a longer MSE polish of proj + decoder. Stage 3c becomes
 ``assets/atoken-tiny.safetensors`` and stage 4
 ``assets/atoken-tiny-d.safetensors`` (proj + decoder only; its encoder is atoken-tiny's), both
 float16 with the config in the metadata. Training data: scikit-image's astronaut, rocket,
@@ -35,18 +36,25 @@ sys.path.insert(0, str(ROOT))
 from atoken import data, training  # noqa: E402
 from atoken.metrics import psnr, ssim  # noqa: E402
 
-STAGES = ("s1_image", "s2_video", "s3_3d", "s3b_polish", "s4_fsq")
+# stage -> the stage it starts from
+STAGES = {
+    "s1_image": None,
+    "s2_video": "s1_image",
+    "s3_3d": "s2_video",
+    "s3b_polish": "s3_3d",
+    "s4_fsq": "s3b_polish",
+    "s3c_mse": "s3b_polish",
+}
 TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "retina")
 TEST_PHOTOS = ("chelsea", "coffee", "immunohistochemistry", "camera")
 ASSETS = ROOT / "assets"
 
 
 def run_stages(out: Path, scale: float, resume: bool) -> dict[str, float]:
-    """Train the four stages in order; returns seconds per stage."""
+    """Train the stages in order, each from its parent; returns seconds per stage."""
     times_path = out / "times.json"
     times = json.loads(times_path.read_text()) if times_path.is_file() else {}
-    previous = None
-    for stage in STAGES:
+    for stage, parent in STAGES.items():
         folder = out / stage
         yaml = ROOT / "configs" / "train" / f"atoken_tiny_{stage}.yaml"
         done = folder / "model.safetensors"
@@ -55,8 +63,8 @@ def run_stages(out: Path, scale: float, resume: bool) -> dict[str, float]:
         over["steps"] = max(2, round(cfg.steps * scale))
         over["warmup_steps"] = min(cfg.warmup_steps, over["steps"] // 2)
         over["save_every"] = 0 if scale < 1 else cfg.save_every
-        if previous is not None:
-            over["init_from"] = str(previous)
+        if parent is not None:
+            over["init_from"] = str(out / parent / "model.safetensors")
         for src in cfg.data.get("sources", []):
             if "cache_dir" in src:
                 src["cache_dir"] = str(out / "voxels")
@@ -76,7 +84,6 @@ def run_stages(out: Path, scale: float, resume: bool) -> dict[str, float]:
                 f"-> {result.last_loss:.4f}",
                 flush=True,
             )
-        previous = done
     return times
 
 
@@ -88,7 +95,7 @@ def export(out: Path, times: dict[str, float]) -> tuple[Path, Path]:
         "stage_minutes": json.dumps(minutes),
         "licence_note": "see assets/atoken-tiny.md",
     }
-    cont = training.load_trained(out / "s3b_polish" / "model.safetensors")
+    cont = training.load_trained(out / "s3c_mse" / "model.safetensors")
     cont_path = training.save_model(
         cont,
         ASSETS / "atoken-tiny.safetensors",
@@ -253,7 +260,7 @@ def main() -> None:
     else:
         times = run_stages(args.out, args.steps_scale, args.resume)
         if args.no_export:
-            cont = args.out / "s3b_polish" / "model.safetensors"
+            cont = args.out / "s3c_mse" / "model.safetensors"
             disc = args.out / "s4_fsq" / "model.safetensors"
         else:
             cont, disc = export(args.out, times)

@@ -58,3 +58,27 @@ def test_zero_shot_colours_of_held_out_pairs(tiny):
     res = training.evaluate_world(tiny, "minilm", "image", split="held_out", count=24, seed=3)
     assert res["accuracy"] > 5 * res["chance"]
     assert res["colour_accuracy"] > 0.7  # card: 0.97
+
+
+def test_build_script_stages_chain_to_existing_configs():
+    """Every stage of scripts/build_atoken_tiny.py has a config that parses, and starts from an
+    earlier stage, so one command really rebuilds the bundle."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location(
+        "build_tiny", root / "scripts/build_atoken_tiny.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    seen: list[str] = []
+    for stage, parent in mod.STAGES.items():
+        cfg = training.load_train_config(root / "configs/train" / f"atoken_tiny_{stage}.yaml")
+        assert cfg.steps > 0
+        assert parent is None or parent in seen, f"{stage} starts from {parent}, not trained yet"
+        seen.append(stage)
+    # the continuous bundle and the FSQ bundle come from stages whose encoder is frozen
+    for stage in ("s3c_mse", "s4_fsq"):
+        cfg = training.load_train_config(root / "configs/train" / f"atoken_tiny_{stage}.yaml")
+        assert cfg.freeze_encoder and mod.STAGES[stage] == "s3b_polish"

@@ -305,6 +305,25 @@ def test_image_reconstruction_loss_native_size_list():
     torch.testing.assert_close(out["gram"], gram_loss(net(stacked_r), net(stacked_t)))
 
 
+def test_image_reconstruction_mse_term_hand_computed():
+    # batch form: every pixel off by 0.5 -> mse 0.25; weight 2 and L1 off -> total 0.5
+    x = torch.zeros(2, 3, 16, 16)
+    out = ImageReconstructionLoss(l1_weight=0.0, mse_weight=2.0)(x + 0.5, x)
+    assert out["mse"].item() == pytest.approx(0.25)
+    assert out["total"].item() == pytest.approx(0.5)
+    # list form: a per-pixel mean over both images, like L1
+    xs = [torch.zeros(3, 32, 48), torch.zeros(3, 64, 16)]
+    ys = [xs[0] + 0.1, xs[1] - 0.4]
+    out = ImageReconstructionLoss(mse_weight=1.0)(ys, xs)
+    pixels = [x.numel() for x in xs]
+    expected = (0.01 * pixels[0] + 0.16 * pixels[1]) / sum(pixels)
+    assert out["mse"].item() == pytest.approx(expected, rel=1e-5)
+    assert out["total"].item() == pytest.approx(expected + out["l1"].item(), rel=1e-5)
+    # off by default: the paper's objective is unchanged
+    out = ImageReconstructionLoss()(ys, xs)
+    assert out["total"].item() == pytest.approx(out["l1"].item(), rel=1e-6)
+
+
 def test_image_reconstruction_loss_keeps_networks_in_eval():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Dropout(0.5))
     loss = ImageReconstructionLoss(lpips_net=CallableFeatureNet(net))
