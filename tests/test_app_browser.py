@@ -86,9 +86,10 @@ def upload(page, selector: str, path: Path | str) -> None:
 def open_tab(page, name: str) -> None:
     """Click a tab and wait until it is selected.
 
-    Under load a click can land while Gradio re-renders the tab bar after an event and is then
-    lost (seen: the 3D and token-editing tests waited 60 s on a tab that never opened); a
-    second click is what a user would do.
+    Under load the 3D test once waited 60 s for a viewer in a tab that had not opened; a lost
+    click is the likely cause, and a second click is what a user would do. (A click that hangs
+    because the page's main thread is busy, e.g. software WebGL drawing the duck's Gaussians in
+    screenshot mode, still fails after the default timeout.)
     """
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
