@@ -741,7 +741,7 @@ class Objective:
             if kind == "image":
                 r, t = self.images_of(rec, batch, rows)
                 parts = self.image_loss(r, t)
-                for name in ("l1", "lpips", "gram", "perceptual", "mse"):
+                for name in self.image_loss.weights:  # every term, unweighted
                     terms[f"image_{name}"] = parts[name].detach()
                 value = parts["total"]
             else:
@@ -971,6 +971,32 @@ def _release_precision(mixed_precision: str) -> None:
     current = AcceleratorState._shared_state.get("_mixed_precision")
     if current is not None and str(current) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
+
+
+# the columns of a run's metrics.csv
+LOG_COLUMNS = (
+    "step",
+    "seconds",
+    "lr",
+    "total",
+    "reconstruction",
+    "semantic",
+    "kl",
+    "image_l1",
+    "image_lpips",
+    "image_gram",
+    "image_perceptual",
+    "image_mse",
+    "video_l1",
+    "3d_l1",
+    "siglip",
+    "distill",
+    "logit_scale",
+    "logit_bias",
+    "tokens",
+    "items",
+    "tokens_per_s",
+)
 
 
 class Trainer:
@@ -1209,6 +1235,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         writer = self._tensorboard() if acc.is_main_process else None
         csv_path = self.out / "metrics.csv"
+        self._csv_columns: list[str] | None = None
         bar = tqdm(
             total=cfg.steps,
             initial=self.step,
@@ -1301,38 +1328,18 @@ class Trainer:
         return SummaryWriter(log_dir=str(self.out / "tb"))
 
     def _log(self, csv_path: Path, writer, row: dict[str, float]) -> None:
-        keys = [
-            "step",
-            "seconds",
-            "lr",
-            "total",
-            "reconstruction",
-            "semantic",
-            "kl",
-            "image_l1",
-            "image_lpips",
-            "image_gram",
-            "image_perceptual",
-            "image_mse",
-            "video_l1",
-            "3d_l1",
-            "siglip",
-            "distill",
-            "logit_scale",
-            "logit_bias",
-            "tokens",
-            "items",
-            "tokens_per_s",
-        ]
-        new = not csv_path.exists()
-        if not new:  # a resumed run keeps the columns its file started with
-            with csv_path.open(newline="") as f:
-                keys = next(csv.reader(f), None) or keys
+        if self._csv_columns is None:  # once per run: a resumed run keeps its file's columns
+            if csv_path.exists():
+                with csv_path.open(newline="") as f:
+                    self._csv_columns = next(csv.reader(f), None) or list(LOG_COLUMNS)
+            else:
+                self._csv_columns = list(LOG_COLUMNS)
+                with csv_path.open("w", newline="") as f:
+                    csv.writer(f).writerow(self._csv_columns)
         with csv_path.open("a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(keys)
-            w.writerow(["" if k not in row else f"{row[k]:.6g}" for k in keys])
+            csv.writer(f).writerow(
+                ["" if k not in row else f"{row[k]:.6g}" for k in self._csv_columns]
+            )
         if writer is not None:
             for k, v in row.items():
                 if k not in ("step", "seconds"):
