@@ -22,6 +22,7 @@ EXAMPLE_MESHES = [
     if p.suffix in MESH_EXTENSIONS
 ]
 PNG = "png"  # every pixel output: Gradio's default webp would corrupt the comparison
+VIEWER_HEIGHT = 320  # px, both 3D viewers
 INTRO = """\
 # AToken: one tokenizer for images, videos and 3D
 Upload an image, a video or a mesh, see it beside its reconstruction, look inside the latent
@@ -199,16 +200,20 @@ def _asset_tab() -> dict:
                 resolution = gr.Slider(128, 512, 256, step=64, label="Render resolution")
                 frames = gr.Slider(0, 48, 12, step=4, label="Turntable frames (0 = none)")
             run = gr.Button("Reconstruct 3D", variant="primary", elem_id="mesh-run")
+        # A fixed height: a viewer sized by its content was once seen collapsed to a line
+        # after an upload (the browser test's input-viewer check failed, 1 run in 3).
         input_view = gr.Model3D(
             label="Input (normalised)",
             elem_id="mesh-view",
             clear_color=(0.9, 0.9, 0.9, 1.0),
+            height=VIEWER_HEIGHT,
         )
     with gr.Row():
         output_view = gr.Model3D(
             label="Reconstructed Gaussians (.ply)",
             elem_id="gs-view",
             clear_color=(0.9, 0.9, 0.9, 1.0),
+            height=VIEWER_HEIGHT,
         )
         turntable = gr.Video(
             label="Turntable: input | reconstruction",
