@@ -1450,6 +1450,18 @@ def reconstruct_arrays(
     return out
 
 
+def patch_grid(image: np.ndarray) -> np.ndarray:
+    """float64 ``[h, w, 768]`` 16x16x3 patches (0..255) of the centre crop to multiples of 16.
+
+    The crop is the model's input crop; the per-patch PCA baselines work on these grids.
+    """
+    a = data_mod.as_rgb_u8(image)
+    h, w = a.shape[0] // 16, a.shape[1] // 16
+    top, left = (a.shape[0] - 16 * h) // 2, (a.shape[1] - 16 * w) // 2
+    a = a[top : top + 16 * h, left : left + 16 * w].astype(np.float64)
+    return a.reshape(h, 16, w, 16, 3).transpose(0, 2, 1, 3, 4).reshape(h, w, 768)
+
+
 def pca_reconstruct(
     images: Sequence[np.ndarray], components: int = 48, fit_on: Sequence[np.ndarray] | None = None
 ) -> list[np.ndarray]:
@@ -1459,32 +1471,19 @@ def pca_reconstruct(
     themselves, an oracle fit); images are centre-cropped to multiples of 16 like the model's
     input. Returns uint8 ``[H', W', 3]`` reconstructions.
     """
-
-    def crop(a: np.ndarray) -> np.ndarray:
-        a = data_mod.as_rgb_u8(a)
-        h, w = a.shape[0] // 16 * 16, a.shape[1] // 16 * 16
-        top, left = (a.shape[0] - h) // 2, (a.shape[1] - w) // 2
-        return a[top : top + h, left : left + w]
-
-    def patches(a: np.ndarray) -> np.ndarray:
-        h, w = a.shape[0] // 16, a.shape[1] // 16
-        return (
-            a.reshape(h, 16, w, 16, 3).transpose(0, 2, 1, 3, 4).reshape(-1, 768).astype(np.float64)
-        )
-
-    crops = [crop(a) for a in images]
-    fit = np.concatenate([patches(crop(a)) for a in (fit_on if fit_on is not None else images)])
+    grids = [patch_grid(a) for a in images]
+    fit_grids = grids if fit_on is None else [patch_grid(a) for a in fit_on]
+    fit = np.concatenate([g.reshape(-1, 768) for g in fit_grids])
     if not 1 <= components <= 768:
         raise ValueError(f"components must be in 1..768, got {components}")
     mu = fit.mean(0)
     _, _, vt = np.linalg.svd(fit - mu, full_matrices=False)
     basis = vt[:components]
     out = []
-    for a in crops:
-        p = patches(a)
-        r = (p - mu) @ basis.T @ basis + mu
-        h, w = a.shape[0] // 16, a.shape[1] // 16
-        img = r.reshape(h, w, 16, 16, 3).transpose(0, 2, 1, 3, 4).reshape(a.shape)
+    for g in grids:
+        h, w = g.shape[:2]
+        r = (g - mu) @ basis.T @ basis + mu
+        img = r.reshape(h, w, 16, 16, 3).transpose(0, 2, 1, 3, 4).reshape(16 * h, 16 * w, 3)
         out.append(np.clip(np.round(img), 0, 255).astype(np.uint8))
     return out
 

@@ -23,14 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from build_atoken_tiny import TEST_PHOTOS, TRAIN_PHOTOS  # noqa: E402
+
 from atoken import data, training  # noqa: E402
 from atoken.metrics import psnr  # noqa: E402
 from atoken.model import ATokenModel  # noqa: E402
 from atoken.patchify import tokenize  # noqa: E402
 from atoken.sparse import SparseTensor  # noqa: E402
-
-TRAIN = ("astronaut", "rocket", "hubble_deep_field", "retina")
-TEST = ("chelsea", "coffee", "immunohistochemistry", "camera")
 
 
 def main() -> None:
@@ -48,9 +47,9 @@ def main() -> None:
     )
     model = ATokenModel(cfg)
     training.init_weights(model)
-    test = [data.as_rgb_u8(a) for a in data.skimage_photos(TEST)]
+    test = [data.as_rgb_u8(a) for a in data.skimage_photos(TEST_PHOTOS)]
     if args.start == "pca":
-        train = [data.as_rgb_u8(a) for a in data.skimage_photos(TRAIN)]
+        train = [data.as_rgb_u8(a) for a in data.skimage_photos(TRAIN_PHOTOS)]
         patches = torch.cat([tokenize([data._float_pixels(a)]).feats[:, :768] for a in train])
         training.pca_init(model, *training.patch_pca(patches, 48))
     opt = torch.optim.AdamW(model.parameters(), args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -72,7 +71,7 @@ def main() -> None:
         vals = [psnr(t[0], r[0]) for t, r in pairs]
         return " ".join(f"{v:6.2f}" for v in vals) + f"   mean {np.mean(vals):6.2f}"
 
-    print(f"start={args.start} lr={args.lr}; PSNR on {', '.join(TEST)}")
+    print(f"start={args.start} lr={args.lr}; PSNR on {', '.join(TEST_PHOTOS)}")
     print(f"step     0  {evaluate()}", flush=True)
     t0 = time.time()
     for step in range(1, args.steps + 1):

@@ -27,25 +27,24 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atoken import data  # noqa: E402
+from build_atoken_tiny import ROOT, TEST_PHOTOS  # noqa: E402
 
-TRAIN = ("astronaut", "rocket", "hubble_deep_field", "retina", "coins", "clock", "brick", "grass")
-TRAIN += ("gravel",)
-TEST = ("chelsea", "coffee", "immunohistochemistry", "camera")
+from atoken import data, metrics, training  # noqa: E402
+
+# the photos atoken-tiny's last stage trained on (its first data source)
+STAGE = ROOT / "configs" / "train" / "atoken_tiny_s3c_mse.yaml"
+TRAIN = tuple(training.load_train_config(STAGE).data["sources"][0]["names"])
 
 
 def patch_grid(img: np.ndarray) -> np.ndarray:
-    """``[h, w, 768]`` patches in [-1, 1] of the centre crop to multiples of 16."""
-    h, w = img.shape[0] // 16, img.shape[1] // 16
-    top, left = (img.shape[0] - 16 * h) // 2, (img.shape[1] - 16 * w) // 2
-    a = img[top : top + 16 * h, left : left + 16 * w].astype(np.float64) / 127.5 - 1
-    return a.reshape(h, 16, w, 16, 3).transpose(0, 2, 1, 3, 4).reshape(h, w, 768)
+    """``[h, w, 768]`` patches in [-1, 1] of the model's centre crop."""
+    return training.patch_grid(img) / 127.5 - 1
 
 
 def psnr(x: np.ndarray, y: np.ndarray) -> float:
     """PSNR of two patch arrays after rounding to 8 bits, like the card's figures."""
-    x, y = (np.clip(np.round((v + 1) * 127.5), 0, 255) for v in (x, y))
-    return float(10 * np.log10(255**2 / np.mean((x - y) ** 2)))
+    x, y = (np.clip(np.round((v + 1) * 127.5), 0, 255).astype(np.uint8) for v in (x, y))
+    return metrics.psnr(x, y)
 
 
 def fit_pca(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -120,13 +119,13 @@ def main() -> None:
         for s in (1.0, 0.7, 0.5):
             size = (int(a.shape[1] * s), int(a.shape[0] * s))
             train_imgs.append(np.asarray(Image.fromarray(a).resize(size, Image.LANCZOS)))
-    test_grids = [patch_grid(data.as_rgb_u8(a)) for a in data.skimage_photos(TEST)]
+    test_grids = [patch_grid(a) for a in data.skimage_photos(TEST_PHOTOS)]
     train_grids = [patch_grid(a) for a in train_imgs]
     fits = {
         "training photos": (train_grids, np.concatenate([g.reshape(-1, 768) for g in train_grids])),
         "held-out photos": (test_grids, np.concatenate([g.reshape(-1, 768) for g in test_grids])),
     }
-    print(f"held-out photos: {', '.join(TEST)}; PSNR dB per photo and mean")
+    print(f"held-out photos: {', '.join(TEST_PHOTOS)}; PSNR dB per photo and mean")
     for fit_name, (grids, patches) in fits.items():
         print(f"\nfitted on the {fit_name} ({len(patches)} patches)")
         mu, basis = fit_pca(patches, 48)
