@@ -3,14 +3,18 @@
 Handlers are plain module-level functions (so ZeroGPU's ``@spaces.GPU`` can wrap them) that use
 the :class:`~app.models.ModelManager` given to :func:`configure`. Results kept between steps
 live in ``gr.State`` as dicts of CPU numpy arrays (see :func:`image_state`), tagged with the
-model that made them.
+model that made them; the visitor's model choice is a key in ``gr.State`` too (``model_key``).
+
+Nothing a visitor sends is trusted: files go through :func:`app.uploads.upload_path` (only this
+server's uploads), numbers and choices through :mod:`app.inputs`, and every request's work is
+checked against :attr:`Limits.budget` from cheap header reads before decoding or model work.
+Validators (run in the join request, outside the queue's concurrency limit) only do cheap
+checks; whatever must read a whole file runs in the handler, inside the queue.
 """
 
 from __future__ import annotations
 
-import base64
 import math
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,9 +22,13 @@ import gradio as gr
 import numpy as np
 import spaces
 import torch
+from PIL import Image
 
-from app.models import DTYPES, ModelManager, download_official, entries
-from app.session import ROOT, friendly, run_dir
+from app import inputs
+from app.models import ModelManager, download_official
+from app.session import friendly, run_dir
+from app.uploads import upload_path
+from atoken.budget import Budget, check_video_budget, image_header_size, plan_image
 from atoken.download import OFFICIAL_WEIGHTS, cached_path
 from atoken.generation import edit_tokens, interpolate, posterior_variations, save_image_tokens
 from atoken.media import (
@@ -32,7 +40,8 @@ from atoken.media import (
     write_image,
     write_video,
 )
-from atoken.mesh import load_mesh, mesh_to_glb
+from atoken.mesh import MeshError, load_mesh, mesh_to_glb
+from atoken.mesh_count import count_mesh_elements
 from atoken.metrics import error_heatmap
 from atoken.model import ATokenModel, Encoded
 from atoken.patchify import to_model_range
@@ -51,7 +60,7 @@ from atoken.visualize import (
 from atoken.zeroshot import (
     classify,
     classify_features,
-    classify_file,
+    load_video,
     model_logit_params,
     parse_labels,
     probability_figure,
@@ -60,7 +69,13 @@ from atoken.zeroshot import (
 
 CONTINUOUS, DISCRETE = "continuous (KL)", "discrete (FSQ)"
 FROM_IMAGE, FROM_VIDEO, FROM_3D, NEW_UPLOAD = "image tab", "video tab", "3D tab", "new upload"
+SOURCES = [FROM_IMAGE, FROM_VIDEO, FROM_3D, NEW_UPLOAD]
 RANDOM_CODES, OTHER_IMAGE = "random codes", "another image's codes"
+ZERO_SHOT_SIDE = 512  # new uploads are classified at this max side
+MAX_LABELS = 64
+# Validators run in the join request, outside the queue: they decode only images this small.
+VALIDATOR_DECODE_PIXELS = 4_000_000
+VALIDATOR_COUNT_SECONDS = 5.0  # a header without a duration: count packets for this long at most
 LABEL_PRESETS = {
     "everyday things": "cat, dog, astronaut, cup of coffee, rocket, car, tree, person, flower, house",
     "shapes and colours": "red circle, blue square, green triangle, yellow star, purple ring, "
@@ -72,15 +87,18 @@ LABEL_PRESETS = {
 
 @dataclass
 class Limits:
-    """Upload limits checked before any model work."""
+    """Upload limits and the per-request work budget, checked before any model work."""
 
     image_bytes: int = 50 * 2**20
     video_bytes: int = 200 * 2**20
     mesh_bytes: int = 100 * 2**20
     video: VideoLimits = field(
-        default_factory=lambda: VideoLimits(max_frames=256, max_side=1920, max_duration=120.0)
+        default_factory=lambda: VideoLimits(
+            max_frames=256, max_side=1920, max_duration=120.0, max_read_frames=2048
+        )
     )
     max_side: int = 1024  # largest max-side the image and video tabs accept
+    budget: Budget = field(default_factory=Budget)
 
 
 M: ModelManager | None = None
@@ -135,15 +153,15 @@ def _encoded(state: dict) -> Encoded:
     )
 
 
-def _model_of(state: dict | None, what: str) -> ATokenModel:
-    """The model that made a state, refusing states of a model that is no longer running."""
+def _model_of(state: dict | None, model_key: str | None, what: str) -> ATokenModel:
+    """The model that made a state, refusing states of a model the session no longer runs."""
     if not state:
         raise gr.Error(f"Nothing to use yet: run the {what} first.")
-    model, _, _ = manager().model_for(state["discrete"])
-    if state["tag"] != manager().tag(state["discrete"]):
+    if state["tag"] != manager().tag(state["discrete"], model_key):
         raise gr.Error(
             f"The model changed since this {state['kind']} was processed; run the {what} again."
         )
+    model, _, _ = manager().model_for(state["discrete"], model_key)
     return model
 
 
@@ -157,42 +175,50 @@ def _finite(d: dict) -> dict:
     return out
 
 
-def upload_path(value) -> str | None:
-    """A file path from an upload: a path, or the raw FileData dict of a ``preprocess=False``
-    event (data URLs from paste/webcam are written to a file)."""
-    if value is None or isinstance(value, (str, Path)):
-        return None if value is None else str(value)
-    if isinstance(value, dict):
-        if value.get("path"):
-            return str(value["path"])
-        url = value.get("url") or ""
-        if url.startswith("data:") and "," in url:
-            ROOT.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=ROOT, suffix=".png", delete=False) as f:
-                f.write(base64.b64decode(url.split(",", 1)[1]))
-            return f.name
-    raise MediaError(f"could not read the upload ({type(value).__name__})")
-
-
-def _layer_mask(layer) -> np.ndarray:
-    """Painted pixels of one ImageEditor layer (an RGBA array or its raw file)."""
-    from PIL import Image
-
-    if isinstance(layer, dict):
-        with Image.open(upload_path(layer)) as im:
-            layer = np.asarray(im.convert("RGBA"))
-    layer = np.asarray(layer)
-    if layer.ndim == 3 and layer.shape[2] == 4:
-        return layer[..., 3] > 0
-    return layer.reshape(*layer.shape[:2], -1).any(-1)
-
-
-def _check_size(path: str, limit: int, what: str) -> None:
-    size = Path(path).stat().st_size
-    if size > limit:
+def _layer_mask(layer, shape: tuple[int, int], request=None) -> np.ndarray:
+    """Painted pixels of one ImageEditor layer (its raw upload), checked against the image."""
+    if isinstance(layer, np.ndarray):  # direct calls (tests); visitors always send a file
+        arr = layer
+    else:
+        path = upload_path(layer, request, max_bytes=LIMITS.image_bytes, what="painted layer")
+        if path is None:
+            raise MediaError("a painted layer is missing: paint the mask again")
+        w, h = image_header_size(path)  # before decoding: it must match the image
+        if (h, w) != tuple(shape):
+            raise MediaError(f"the painted layer is {w}x{h}; the image is {shape[1]}x{shape[0]}")
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGBA"))
+    if arr.shape[:2] != tuple(shape):
         raise MediaError(
-            f"the {what} file is {size / 2**20:.1f} MB; the limit is {limit / 2**20:.0f} MB"
+            f"the painted layer is {arr.shape[1]}x{arr.shape[0]}; the image is "
+            f"{shape[1]}x{shape[0]}"
         )
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        return arr[..., 3] > 0
+    return arr.reshape(*arr.shape[:2], -1).any(-1)
+
+
+def _image(value, request=None, what: str = "image") -> str | None:
+    """A visitor's image upload as a trusted path (None when nothing was sent)."""
+    return upload_path(value, request, max_bytes=LIMITS.image_bytes, what=what)
+
+
+def _plan(path: str, max_side: int | None):
+    """The image's cost from its header, within the budget (MediaError naming the limit)."""
+    return plan_image(path, max_side, LIMITS.budget)
+
+
+def _max_side(value) -> int | None:
+    """The max-side control: 0 keeps the size (within the budget)."""
+    side = inputs.integer(value if value is not None else 0, 0, LIMITS.max_side, "max side")
+    if side and side < 16:
+        raise inputs.InputError(f"max side must be 0 (keep) or 16 to {LIMITS.max_side}")
+    return side or None
+
+
+def _tokens(value) -> bool:
+    """True for discrete tokens."""
+    return inputs.choice(value, [CONTINUOUS, DISCRETE], "tokens") == DISCRETE
 
 
 def _ok(n: int) -> list:
@@ -207,38 +233,45 @@ def _first_invalid(message: str, n: int) -> list:
 
 
 def model_choices() -> list[tuple[str, str]]:
-    """(label, key) pairs for the model dropdown."""
-    m = manager()
-    return [(e.label, e.key) for e in entries(m.custom_path)]
+    """(label, key) pairs for the model dropdown: what the operator lets visitors pick."""
+    return [(e.label, e.key) for e in manager().entries()]
+
+
+def _entry(key) -> object:
+    entry = {e.key: e for e in manager().entries()}.get(key) if isinstance(key, str) else None
+    if entry is None:
+        raise gr.Error(f"unknown model {str(key)[:60]!r}; pick one from the list")
+    return entry
 
 
 @friendly
 def model_info(key: str) -> tuple[str, dict]:
     """Where a model loads from, its licence, and whether the download button applies."""
-    entry = {e.key: e for e in entries(manager().custom_path)}.get(key)
-    if entry is None:
-        raise gr.Error(f"unknown model {key!r}")
+    entry = _entry(key)
     text = f"`{key}`: {entry.note}"
     if entry.source == "official":
         text += f"\n\nLicence: {OFFICIAL_WEIGHTS[key].licence}"
-    can_download = entry.source == "official" and cached_path(key) is None
+    can_download = (
+        manager().policy.allow_downloads and entry.source == "official" and cached_path(key) is None
+    )
     return text, gr.update(interactive=can_download)
 
 
 @friendly
-def load_model(key: str, path: str, config: str, device: str, dtype: str) -> tuple[str, dict]:
-    """Switch the running model (a typed path wins over the dropdown)."""
-    if dtype not in DTYPES:
-        raise gr.Error(f"dtype must be one of {DTYPES}")
-    status = manager().load(
-        key, device=device, dtype=dtype, path=path.strip() or None, config=config.strip() or None
-    )
-    return status, gr.update(choices=model_choices(), value=manager().key)
+def load_model(key: str, model_key: str | None = None) -> tuple[str, dict, str]:
+    """Switch this visitor's session to another model (other visitors keep theirs)."""
+    _entry(key)
+    status = manager().load(key)
+    return status, gr.update(value=key), key
 
 
 @friendly
 def download_model(key: str, progress=gr.Progress()) -> str:  # noqa: B008
-    """Download official weights with a progress bar."""
+    """Download official weights with a progress bar (only when the operator allows it)."""
+    if not manager().policy.allow_downloads:
+        raise gr.Error("Downloads are turned off on this server (operator flag --allow-downloads).")
+    if _entry(key).source != "official":
+        raise gr.Error(f"{key} is not an official checkpoint")
 
     def callback(done: int, total: int | None) -> None:
         mb = done / 2**20
@@ -247,81 +280,96 @@ def download_model(key: str, progress=gr.Progress()) -> str:  # noqa: B008
         else:
             progress(None, desc=f"{mb:.0f} MB")
 
-    path = download_official(key, callback)
-    return f"Downloaded `{key}` to `{path}`. Press **Load** to use it."
+    download_official(key, callback)
+    return f"Downloaded `{key}`. Press **Load** to use it."
 
 
-def warm_up(progress=gr.Progress()) -> str:  # noqa: B008
-    """Compile the attention (button in the model panel)."""
-    manager().warm_up(lambda d, t, msg: progress((d, t), desc=msg))
-    return manager().status()
-
-
-def status() -> str:
-    """The 'which model is running' line."""
-    return manager().status()
+def status(model_key: str | None = None) -> str:
+    """The 'which model is running' line of a session."""
+    return manager().status(model_key)
 
 
 # -- image tab ------------------------------------------------------------------------------
 
 
-def validate_image(image, max_side, *rest) -> list:
-    """Refuse unreadable or oversized images before the model runs."""
-    n = 2 + len(rest)
-    if image is None:
-        return _first_invalid("Upload, paste or take a picture first.", n)
+def _cheap(fn, n: int, index: int = 0) -> list:
+    """Run a cheap check; a readable failure marks input ``index`` invalid."""
     try:
-        image = upload_path(image)
-        _check_size(image, LIMITS.image_bytes, "image")
-        read_image(image)
-    except MediaError as e:
-        return _first_invalid(str(e), n)
-    if max_side and not 16 <= int(max_side) <= LIMITS.max_side:
-        return [*_ok(1), gr.validate(False, f"max side must be 16..{LIMITS.max_side}"), *_ok(n - 2)]
+        fn()
+    except (ValueError, gr.Error) as e:  # MediaError, MeshError and InputError are ValueErrors
+        out = _ok(n)
+        out[index] = gr.validate(False, str(e))
+        return out
     return _ok(n)
 
 
-@friendly
-def preview_image(image: str | None, max_side: float) -> tuple[np.ndarray | None, str]:
-    """What the model will see: the upload downscaled and cropped to the 16-px grid."""
-    image = upload_path(image)
+def validate_image(image, max_side, *rest) -> list:
+    """Refuse non-uploads, oversized files and over-budget images from the header alone."""
+    n = 2 + len(rest)
     if image is None:
+        return _first_invalid("Upload, paste or take a picture first.", n)
+    if not (isinstance(image, dict) and "url" in image and not image.get("path")):
+        out = _cheap(lambda: _check_image(_image(image)), n)
+        if not out[0]["is_valid"]:
+            return out
+    return _cheap(lambda: _plan_side(image, max_side), n, 1)
+
+
+def _check_image(path: str) -> None:
+    """Header checks; a small image is also decoded (cheap), so damage shows at upload."""
+    plan = _plan(path, None)
+    if plan.width * plan.height <= VALIDATOR_DECODE_PIXELS:
+        read_image(path)
+
+
+def _plan_side(image, max_side) -> None:
+    side = _max_side(max_side)
+    if side is not None and not (isinstance(image, dict) and not image.get("path")):
+        _plan(_image(image), side)
+
+
+@friendly
+def preview_image(
+    image, max_side: float, request: gr.Request = None
+) -> tuple[np.ndarray | None, str]:
+    """What the model will see: the upload downscaled and cropped to the 16-px grid."""
+    path = _image(image, request)
+    if path is None:
         return None, ""
-    _check_size(image, LIMITS.image_bytes, "image")
-    img = prepare_image(image, max_side=int(max_side) or None)
+    plan = _plan(path, _max_side(max_side))
+    img = prepare_image(path, max_side=plan.max_side)
     h, w = img.shape[:2]
-    return img, f"Model input: {w}x{h} px = {h // 16}x{w // 16} = {h * w // 256} tokens"
+    text = f"Model input: {w}x{h} px = {h // 16}x{w // 16} = {h * w // 256} tokens"
+    return img, text + (f" ({plan.note})" if plan.note else "")
 
 
 @spaces.GPU(duration=60)
 @friendly
 def reconstruct_image_handler(
-    image: str | None,
+    image,
     max_side: float,
     tokens: str,
     latent_mode: str,
     seed: float,
     temperature: float,
+    model_key: str | None = None,
     request: gr.Request = None,
 ):
     """Encode and decode an image: slider pair, error heatmap, metrics, files, state."""
-    image = upload_path(image)
+    side, discrete = _max_side(max_side), _tokens(tokens)
+    latent_mode = inputs.choice(latent_mode, ["mean", "sample"], "latent")
+    seed = inputs.seed(seed)
+    temperature = inputs.number(1.0 if temperature is None else temperature, 0, 3, "temperature")
+    image = _image(image, request)
     if image is None:
         raise gr.Error("Upload, paste or take a picture first.")
-    _check_size(image, LIMITS.image_bytes, "image")
-    discrete = tokens == DISCRETE
-    model, mode, name = manager().model_for(discrete)
+    plan = _plan(image, side)
+    model, mode, name = manager().model_for(discrete, model_key)
     if not discrete and latent_mode == "sample":
         mode = "sample"
-    side = int(max_side or 0) or None
     with manager().running():
         res = reconstruct_image(
-            model,
-            image,
-            max_side=side,
-            mode=mode,
-            seed=int(seed or 0),
-            temperature=float(1.0 if temperature is None else temperature),
+            model, image, max_side=plan.max_side, mode=mode, seed=seed, temperature=temperature
         )
     out = run_dir(request, "image")
     files = [
@@ -336,8 +384,10 @@ def reconstruct_image_handler(
         "mode": res.mode,
         "model": name,
     }
+    if plan.note:
+        metrics["note"] = plan.note
     heat = error_heatmap(res.original, res.reconstruction, data_range=255)
-    state = image_state(res, model, manager().tag(discrete), side)
+    state = image_state(res, model, manager().tag(discrete, model_key), plan.max_side)
     return (
         (res.original, res.reconstruction),
         heat,
@@ -388,57 +438,92 @@ def after_image(state: dict | None):
 # -- video tab ------------------------------------------------------------------------------
 
 
+def _video_inputs(stride, max_side, max_frames) -> tuple[int, int | None, int | None]:
+    """The video controls, checked: (stride, max side or None, max frames or None)."""
+    stride = inputs.integer(stride if stride is not None else 1, 1, 8, "frame stride")
+    side = _max_side(max_side)
+    frames = inputs.integer(
+        max_frames if max_frames is not None else 0, 0, LIMITS.video.max_frames, "max frames"
+    )
+    return stride, side, frames or None
+
+
+def _video(value, request=None) -> str | None:
+    return upload_path(value, request, max_bytes=LIMITS.video_bytes, what="video")
+
+
 def validate_video(video, stride, max_side, max_frames, *rest) -> list:
-    """Refuse unreadable videos and videos beyond the limits before the model runs."""
+    """Refuse non-uploads, oversized files and bad settings (cheap: no decoding here)."""
     n = 4 + len(rest)
     if video is None:
         return _first_invalid("Upload a video first.", n)
-    try:
-        _check_size(video, LIMITS.video_bytes, "video")
-        check_video(
-            video,
-            LIMITS.video,
-            stride=max(1, int(stride or 1)),
-            max_side=int(max_side or 0) or None,
-            max_frames=int(max_frames or 0) or None,
+    out = _cheap(lambda: _video_inputs(stride, max_side, max_frames), n, 1)
+    if not out[1]["is_valid"]:
+        return out
+    return _cheap(lambda: _check_video_header(_video(video), max_side), n)
+
+
+def _check_video_header(path: str, max_side) -> None:
+    """The header's size and duration (cheap; the frames are counted in the handler)."""
+    info = probe_video(path, count=False, max_count_seconds=VALIDATOR_COUNT_SECONDS)
+    lim = LIMITS.video
+    if max(info.width, info.height) > lim.max_side and not _max_side(max_side):
+        raise MediaError(
+            f"video is {info.width}x{info.height}; the limit is {lim.max_side} px per side "
+            "(set a max side to downscale)"
         )
-    except MediaError as e:
-        return _first_invalid(str(e), n)
-    return _ok(n)
+    if info.duration > lim.max_duration:
+        raise MediaError(
+            f"video lasts {info.duration:.1f} s; the limit is {lim.max_duration:.0f} s"
+        )
 
 
 def _video_seconds(video, stride, max_side, max_frames, *args, **kwargs) -> int:
     """ZeroGPU time budget: grows with the number of frames."""
-    return int(min(600, 30 + 2 * (max_frames or LIMITS.video.max_frames)))
+    frames = max_frames if isinstance(max_frames, (int, float)) else 0
+    return int(min(600, 30 + 2 * (int(frames or 0) or LIMITS.video.max_frames)))
 
 
 @spaces.GPU(duration=_video_seconds)
 @friendly
 def reconstruct_video_handler(
-    video: str | None,
+    video,
     stride: float,
     max_side: float,
     max_frames: float,
     tokens: str,
+    model_key: str | None = None,
     request: gr.Request = None,
     progress=gr.Progress(),  # noqa: B008
 ):
     """Stream a video through the model: side-by-side mp4, PSNR plot, latent PCA video, files."""
+    stride, side, frames = _video_inputs(stride, max_side, max_frames)
+    discrete = _tokens(tokens)
+    video = _video(video, request)
     if video is None:
         raise gr.Error("Upload a video first.")
-    _check_size(video, LIMITS.video_bytes, "video")
-    discrete = tokens == DISCRETE
-    model, mode, name = manager().model_for(discrete)
+    progress((0, 1), desc="counting the video's frames")
+    # the real frame count from the container (not fps x duration), then the budget
+    info = check_video(video, LIMITS.video, stride=stride, max_side=side, max_frames=frames)
+    check_video_budget(
+        info.num_frames,
+        info.width,
+        info.height,
+        LIMITS.budget,
+        stride=stride,
+        max_side=side,
+        max_frames=frames,
+    )
+    model, mode, name = manager().model_for(discrete, model_key)
     out = run_dir(request, "video")
-    progress((0, 1), desc="reading the video")
     with manager().running():
         res = reconstruct_video(
             model,
             video,
             out,
-            stride=int(stride),
-            max_side=int(max_side) or None,
-            max_frames=int(max_frames) or None,
+            stride=stride,
+            max_side=side,
+            max_frames=frames,
             mode=mode,
             limits=LIMITS.video,
             progress=lambda done, total, msg: progress((done, total), desc=msg, unit="frames"),
@@ -454,7 +539,7 @@ def reconstruct_video_handler(
     }
     state = {
         "kind": "video",
-        "tag": manager().tag(discrete),
+        "tag": manager().tag(discrete, model_key),
         "discrete": discrete,
         "pooled": res.pooled.float().numpy(),
     }
@@ -474,61 +559,102 @@ def reconstruct_video_handler(
 # -- 3D tab ---------------------------------------------------------------------------------
 
 
+def _mesh(value, request=None) -> str | None:
+    return upload_path(value, request, max_bytes=LIMITS.mesh_bytes, what="mesh")
+
+
+def _check_mesh_counts(path: str) -> None:
+    """Faces and vertices from a streaming count or the header, against the budget (cheap)."""
+    if Path(path).suffix.lower() == ".zip":
+        return  # counted after the (bounded) extraction, inside the queue
+    try:
+        counts = count_mesh_elements(path)
+    except ValueError as e:
+        raise MeshError(f"{Path(path).name}: {e}") from e
+    b = LIMITS.budget
+    if counts.faces > b.max_faces:
+        raise MeshError(f"the mesh has {counts.faces} faces; the limit is {b.max_faces}")
+    if counts.vertices > b.max_vertices:
+        raise MeshError(f"the mesh has {counts.vertices} vertices; the limit is {b.max_vertices}")
+
+
+def _load_mesh(path: str):
+    """Parse a mesh inside the queue, within the budget's faces and vertices."""
+    b = LIMITS.budget
+    return load_mesh(
+        path, max_faces=b.max_faces, max_vertices=b.max_vertices, max_bytes=LIMITS.mesh_bytes
+    )
+
+
+def _mesh_inputs(views, resolution, frames) -> tuple[int, int, int]:
+    views = inputs.integer(views if views is not None else 16, 4, 64, "views")
+    resolution = inputs.integer(
+        resolution if resolution is not None else 256, 128, 512, "render resolution"
+    )
+    frames = inputs.integer(frames if frames is not None else 0, 0, 48, "turntable frames")
+    return views, resolution, frames
+
+
 def validate_mesh(mesh, *rest) -> list:
-    """Refuse unreadable meshes before the model runs."""
+    """Refuse non-uploads and meshes over the budget from a cheap count (no parsing here)."""
     n = 1 + len(rest)
     if mesh is None:
         return _first_invalid("Upload a mesh first.", n)
-    try:
-        _check_size(mesh, LIMITS.mesh_bytes, "mesh")
-        load_mesh(mesh)
-    except ValueError as e:  # MeshError and MediaError
-        return _first_invalid(str(e), n)
-    return _ok(n)
+    out = _cheap(lambda: _check_mesh_counts(_mesh(mesh)), n)
+    if not out[0]["is_valid"] or len(rest) < 3:
+        return out
+    return _cheap(lambda: _mesh_inputs(*rest[:3]), n, 1)
 
 
 @friendly
-def preview_mesh(mesh: str | None, request: gr.Request = None) -> str | None:
+def preview_mesh(mesh, request: gr.Request = None) -> str | None:
     """The uploaded mesh, normalised and as .glb, for the input viewer."""
-    if mesh is None:
+    path = _mesh(mesh, request)
+    if path is None:
         return None
-    _check_size(mesh, LIMITS.mesh_bytes, "mesh")
-    return str(mesh_to_glb(load_mesh(mesh), run_dir(request, "mesh") / "input.glb"))
+    _check_mesh_counts(path)
+    return str(mesh_to_glb(_load_mesh(path), run_dir(request, "mesh") / "input.glb"))
 
 
 def _mesh_seconds(mesh, num_views, resolution, turntable_frames, *args, **kwargs) -> int:
-    return int(min(300, 60 + 2 * int(num_views or 32) + 2 * int(turntable_frames or 0)))
+    views = num_views if isinstance(num_views, (int, float)) else 32
+    frames = turntable_frames if isinstance(turntable_frames, (int, float)) else 0
+    return int(min(300, 60 + 2 * min(64, int(views or 32)) + 2 * min(48, int(frames or 0))))
 
 
 @spaces.GPU(duration=_mesh_seconds)
 @friendly
 def reconstruct_3d_handler(
-    mesh: str | None,
+    mesh,
     num_views: float,
     resolution: float,
     turntable_frames: float,
+    model_key: str | None = None,
     request: gr.Request = None,
     progress=gr.Progress(),  # noqa: B008
 ):
     """Mesh -> voxels -> tokens -> Gaussians: input and .ply viewers, turntable, metrics."""
     from atoken import pipeline3d
 
-    if mesh is None:
+    views, resolution, frames = _mesh_inputs(num_views, resolution, turntable_frames)
+    path = _mesh(mesh, request)
+    if path is None:
         raise gr.Error("Upload a mesh first.")
-    _check_size(mesh, LIMITS.mesh_bytes, "mesh")
+    _check_mesh_counts(path)
+    asset = _load_mesh(path)  # parsed once, within the budget
     m = manager()
-    model, discrete = m.model, m.model.is_discrete
-    gs, gs_name = m.gaussian_decoder()
+    key = model_key or m.key
+    model = m.get(key)
+    gs, gs_name = m.gaussian_decoder(key)
     out = run_dir(request, "3d")
-    frames = int(turntable_frames)
     with m.running():
         res = pipeline3d.reconstruct_asset(
             model,
             gs,
-            mesh,
+            asset,
             out / "reconstruction.ply",
-            num_views=int(num_views),
-            resolution=int(resolution),
+            num_views=views,
+            resolution=resolution,
             turntable=out / "turntable.mp4" if frames else None,
             turntable_frames=max(frames, 1),
             progress=lambda done, total, msg: progress((done, total), desc=msg),
@@ -537,13 +663,13 @@ def reconstruct_3d_handler(
         **res.metrics,
         "voxels": res.num_voxels,
         "gaussians": res.num_gaussians,
-        "model": m.key,
+        "model": key,
         "gaussian_decoder": gs_name,
     }
     state = {
         "kind": "3d",
-        "tag": m.tag(discrete),
-        "discrete": discrete,
+        "tag": m.tag(model.is_discrete, key),
+        "discrete": model.is_discrete,
         "pooled": res.pooled.float().cpu().numpy(),
     }
     turntable = str(res.turntable) if res.turntable else None
@@ -554,53 +680,90 @@ def reconstruct_3d_handler(
 # -- zero-shot tab --------------------------------------------------------------------------
 
 
+def _any_upload(value, request=None) -> str | None:
+    """A zero-shot upload: trusted, and within the size limit of its kind."""
+    path = upload_path(value, request, max_bytes=LIMITS.video_bytes, what="upload")
+    if path is None:
+        return None
+    kind = kind_of(path)
+    limit = {"image": LIMITS.image_bytes, "video": LIMITS.video_bytes}.get(kind, LIMITS.mesh_bytes)
+    return upload_path(path, request, max_bytes=limit, what=kind)
+
+
+def _check_upload(path: str) -> str:
+    """The kind of a zero-shot upload, checked cheaply against the budget."""
+    kind = kind_of(path)
+    if kind == "image":
+        _plan(path, ZERO_SHOT_SIDE)
+    elif kind == "mesh":
+        _check_mesh_counts(path)
+    return kind
+
+
 def validate_upload(source, upload, *rest) -> list:
-    """Check a zero-shot upload by kind before the model runs."""
+    """Check a zero-shot upload by kind before the model runs (cheap: headers only)."""
     n = 2 + len(rest)
-    if source != NEW_UPLOAD or upload is None:
-        return _ok(n)
-    try:
-        kind = kind_of(upload)
-        if kind == "image":
-            _check_size(upload, LIMITS.image_bytes, "image")
-            read_image(upload)
-        elif kind == "video":
-            _check_size(upload, LIMITS.video_bytes, "video")
-            probe_video(upload)
-        else:
-            _check_size(upload, LIMITS.mesh_bytes, "mesh")
-            load_mesh(upload)
-    except ValueError as e:
-        return [gr.validate(True, ""), gr.validate(False, str(e)), *_ok(n - 2)]
-    return _ok(n)
+    out = _cheap(lambda: inputs.choice(source, SOURCES, "item"), n)
+    if not out[0]["is_valid"] or source != NEW_UPLOAD or upload is None:
+        return out
+    return _cheap(lambda: _check_upload(_any_upload(upload)), n, 1)
+
+
+def _classify_upload(path: str, names: list[str], kind: str, model_key: str | None) -> dict:
+    """Zero-shot probabilities of a new upload, each kind within the budget."""
+    model = manager().get(model_key or manager().key)
+    modality = _check_upload(path)
+    if modality == "image":
+        item = to_model_range(prepare_image(path, max_side=ZERO_SHOT_SIDE)).numpy()
+    elif modality == "video":
+        info = probe_video(path)  # the real frame count: the 16 frames span the whole clip
+        b = LIMITS.budget
+        if info.num_frames > b.max_read_frames:
+            raise MediaError(
+                f"the video has {info.num_frames} frames; the limit is {b.max_read_frames}"
+            )
+        if max(info.width, info.height) > LIMITS.video.max_side:
+            raise MediaError(
+                f"the video is {info.width}x{info.height}; the limit is "
+                f"{LIMITS.video.max_side} px per side"
+            )
+        item = load_video(path, num_frames=16, max_side=ZERO_SHOT_SIDE)
+    else:
+        from atoken.mesh_render import mesh_to_voxels
+
+        feats, coords = mesh_to_voxels(_load_mesh(path))
+        item, modality = (np.asarray(feats, np.float32), np.asarray(coords)), "3d"
+    with manager().running():
+        return classify(model, item, names, kind=kind, modality=modality)
 
 
 @spaces.GPU(duration=60)
 @friendly
 def classify_handler(
     source: str,
-    upload: str | None,
+    upload,
     labels: str,
     kind: str,
     image_st: dict | None,
     video_st: dict | None,
     asset_st: dict | None,
+    model_key: str | None = None,
+    request: gr.Request = None,
 ):
     """Zero-shot probabilities of typed labels for a tab's result or a new upload."""
-    names = parse_labels(labels)
+    source = inputs.choice(source, SOURCES, "item")
+    kind = inputs.choice(kind, ["sigmoid", "softmax"], "probabilities")
+    names = parse_labels(inputs.text(labels, "labels"))
+    if len(names) > MAX_LABELS:
+        raise inputs.InputError(f"{len(names)} labels; the limit is {MAX_LABELS}")
     if source == NEW_UPLOAD:
-        if upload is None:
+        path = _any_upload(upload, request)
+        if path is None:
             raise gr.Error("Upload an image, a video or a mesh to classify.")
-        model = manager().model
-        with manager().running():
-            if kind_of(upload) == "image":
-                item = to_model_range(prepare_image(upload, max_side=512)).numpy()
-                probs = classify(model, item, names, kind=kind)
-            else:
-                probs = classify_file(model, upload, names, kind=kind)
+        probs = _classify_upload(path, names, kind, model_key)
     else:
         state = {FROM_IMAGE: image_st, FROM_VIDEO: video_st, FROM_3D: asset_st}[source]
-        model = _model_of(state, f"reconstruction in the {source}")
+        model = _model_of(state, model_key, f"reconstruction in the {source}")
         tower = resolve_text_tower(model)
         scale, bias = model_logit_params(model)
         modality = {"image": "image", "video": "video", "3d": "3d"}[state["kind"]]
@@ -612,39 +775,54 @@ def classify_handler(
 
 def fill_labels(preset: str) -> str:
     """Label text of a preset."""
-    return LABEL_PRESETS.get(preset, "")
+    return LABEL_PRESETS.get(preset, "") if isinstance(preset, str) else ""
 
 
 # -- generation tab -------------------------------------------------------------------------
 
 
 def validate_second_image(image_b, *rest) -> list:
-    """Refuse an unreadable image B before the model runs."""
+    """Refuse a non-upload or over-budget image B before the model runs (header only)."""
     n = 1 + len(rest)
     if image_b is None:
         return _first_invalid("Upload the second image (B) to interpolate towards.", n)
     return validate_image(image_b, 0)[:1] + _ok(n - 1)
 
 
+def _check_decodes(count: int, state: dict, what: str) -> None:
+    """Several decodes of one latent: bounded by 8 full-budget images' tokens."""
+    tokens = len(state["coords"])
+    limit = 8 * LIMITS.budget.max_tokens
+    if count * tokens > limit:
+        raise inputs.InputError(
+            f"{count} {what} of {tokens} tokens each make {count * tokens} tokens; the limit is "
+            f"{limit} (use at most {max(1, limit // tokens)}, or a smaller image)"
+        )
+
+
 @spaces.GPU(duration=90)
 @friendly
 def interpolate_handler(
-    image_b: str | None,
+    image_b,
     steps: float,
     mode: str,
     image_st: dict | None,
+    model_key: str | None = None,
     request: gr.Request = None,
 ):
     """Decode the path from the image tab's latent to another image's: an mp4 and a gallery."""
-    model = _model_of(image_st, "reconstruction in the image tab")
-    image_b = upload_path(image_b)
+    steps = inputs.integer(steps, 2, 32, "steps")
+    mode = inputs.choice(mode, ["slerp", "lerp"], "path")
+    model = _model_of(image_st, model_key, "reconstruction in the image tab")
+    _check_decodes(steps, image_st, "steps")
+    image_b = _image(image_b, request, "image B")
     if image_b is None:
         raise gr.Error("Upload the second image (B) to interpolate towards.")
-    _check_size(image_b, LIMITS.image_bytes, "image")
+    plan = _plan(image_b, image_st["max_side"])
     a = SparseTensor(torch.from_numpy(image_st["mean"]), torch.from_numpy(image_st["coords"]))
-    b = prepare_image(image_b, max_side=image_st["max_side"])
+    b = prepare_image(image_b, max_side=plan.max_side)
     with manager().running():
-        frames = interpolate(model, a, b, int(steps), mode=mode)
+        frames = interpolate(model, a, b, steps, mode=mode)
     path = write_video(run_dir(request, "interp") / "interpolation.mp4", frames + frames[::-1], 8)
     n = len(frames)
     gallery = [(f, f"t = {i / (n - 1):.2f}") for i, f in enumerate(frames)]
@@ -654,13 +832,23 @@ def interpolate_handler(
 @spaces.GPU(duration=60)
 @friendly
 def variations_handler(
-    n: float, temperature: float, seed: float, new_seed: bool, image_st: dict | None
+    n: float,
+    temperature: float,
+    seed: float,
+    new_seed: bool,
+    image_st: dict | None,
+    model_key: str | None = None,
 ):
     """Samples of the image's posterior; the seed used goes back into the seed box."""
-    model = _model_of(image_st, "reconstruction in the image tab")
+    n = inputs.integer(n, 1, 8, "samples")
+    temperature = inputs.number(temperature, 0, 3, "temperature")
+    new_seed = inputs.flag(new_seed, "new seed")
+    seed = inputs.seed(seed)
+    model = _model_of(image_st, model_key, "reconstruction in the image tab")
+    _check_decodes(n, image_st, "samples")
     with manager().running():
         frames, used = posterior_variations(
-            model, _encoded(image_st), int(n), float(temperature), None if new_seed else int(seed)
+            model, _encoded(image_st), n, temperature, None if new_seed else seed
         )
     gallery = [(f, f"seed {used + i}") for i, f in enumerate(frames)]
     return gallery, used
@@ -669,23 +857,36 @@ def variations_handler(
 @spaces.GPU(duration=60)
 @friendly
 def edit_handler(
-    editor: dict | None, source: str, other: str | None, seed: float, image_st: dict | None
+    editor: dict | None,
+    source: str,
+    other,
+    seed: float,
+    image_st: dict | None,
+    model_key: str | None = None,
+    request: gr.Request = None,
 ):
     """Swap the painted tokens' FSQ codes, decode, compare with the reconstruction."""
-    model = _model_of(image_st, "reconstruction in the image tab")
+    source = inputs.choice(source, [RANDOM_CODES, OTHER_IMAGE], "new codes")
+    seed = inputs.seed(seed)
+    model = _model_of(image_st, model_key, "reconstruction in the image tab")
     if image_st["indices"] is None:
         raise gr.Error(f"Token editing needs discrete tokens: reconstruct with '{DISCRETE}'.")
-    layers = [_layer_mask(x) for x in (editor or {}).get("layers") or [] if x is not None]
-    if not layers:
+    layers = (editor or {}).get("layers") if isinstance(editor, dict) else None
+    if not isinstance(layers, list) or len(layers) > 16:
+        raise MediaError("the painted mask is missing or malformed: paint it again")
+    shape = image_st["original"].shape[:2]
+    masks = [_layer_mask(x, shape, request) for x in layers if x is not None]
+    if not masks:
         raise gr.Error("Paint over the part of the image whose tokens should change.")
-    mask = np.logical_or.reduce(layers)
-    other = upload_path(other)
+    mask = np.logical_or.reduce(masks)
     src: str | tuple = "random"
     with manager().running():
         if source == OTHER_IMAGE:
+            other = _image(other, request, "other image")
             if other is None:
                 raise gr.Error("Upload the image whose codes should be pasted in.")
-            res = reconstruct_image(model, other, max_side=image_st["max_side"], mode="fsq")
+            plan = _plan(other, image_st["max_side"])
+            res = reconstruct_image(model, other, max_side=plan.max_side, mode="fsq")
             src = (res.indices, res.latent.coords)
-        edited = edit_tokens(model, image_st["indices"], image_st["coords"], mask, src, int(seed))
+        edited = edit_tokens(model, image_st["indices"], image_st["coords"], mask, src, seed)
     return (image_st["reconstruction"], edited)

@@ -7,7 +7,7 @@ from pathlib import Path
 import gradio as gr
 
 from app import handlers as h
-from app.models import DTYPES, ModelManager
+from app.models import ModelManager
 from app.session import cleanup_session
 from atoken.media import IMAGE_EXTENSIONS, MESH_EXTENSIONS, VIDEO_EXTENSIONS
 from atoken.visualize import HOW_TO_READ
@@ -31,37 +31,40 @@ tokens, classify it from typed labels, and generate from the latents. Every tab 
 """
 
 
-def _model_panel(m: ModelManager, devices: list[str], switchable: bool) -> gr.Markdown:
+def _model_panel(m: ModelManager, switchable: bool) -> tuple[gr.Markdown, gr.State]:
+    """The status line, and the model choice of this visitor's session."""
     status = gr.Markdown(m.status(), elem_id="model-status")
-    if not switchable:  # a shared deployment: one model for every visitor
-        return status
+    model_st = gr.State(m.key)  # each session's own choice; new sessions start on m.key
+    if not switchable:  # the operator fixed one model for every visitor
+        return status, model_st
     with gr.Accordion("Model", open=False, elem_id="model-panel"):
+        gr.Markdown(
+            "Your choice applies to your session only. The server's operator decides which "
+            f"models are offered; they run on {m.device} in {m.dtype_name}."
+        )
         with gr.Row():
-            key = gr.Dropdown(h.model_choices(), value=m.key, label="Model", scale=2)
-            device = gr.Dropdown(devices, value=m.device, label="Device")
-            dtype = gr.Dropdown(list(DTYPES), value=m.dtype_name, label="Dtype")
-        with gr.Row():
-            path = gr.Textbox(label="…or a checkpoint path (.safetensors / .pt)", scale=2)
-            config = gr.Textbox(label="Config (preset or YAML; empty: from the file)")
+            key = gr.Dropdown(
+                h.model_choices(), value=m.key, label="Model", scale=2, elem_id="model-key"
+            )
+            load_btn = gr.Button("Load", variant="primary", elem_id="model-load")
         info = gr.Markdown()
-        with gr.Row():
-            load_btn = gr.Button("Load", variant="primary")
+        if m.policy.allow_downloads:
             download_btn = gr.Button("Download official weights", interactive=False)
-            warm_btn = gr.Button("Compile attention (warm-up)")
-        dl_status = gr.Markdown()
-    key.change(h.model_info, key, [info, download_btn], api_visibility="private")
+            dl_status = gr.Markdown()
+            download_btn.click(
+                h.download_model, key, dl_status, api_visibility="private", concurrency_limit=1
+            )
+            key.change(h.model_info, key, [info, download_btn], api_visibility="private")
+        else:
+            key.change(lambda k: h.model_info(k)[0], key, info, api_visibility="private")
     load_btn.click(
         h.load_model,
-        [key, path, config, device, dtype],
-        [status, key],
-        api_visibility="private",  # the UI switches the model for every session; no API
+        [key, model_st],
+        [status, key, model_st],
+        api_visibility="private",
         concurrency_id="gpu",
     )
-    download_btn.click(
-        h.download_model, key, dl_status, api_visibility="private", concurrency_limit=1
-    )
-    warm_btn.click(h.warm_up, None, status, api_visibility="private", concurrency_id="gpu")
-    return status
+    return status, model_st
 
 
 def _image_tab(max_side_limit: int) -> dict:
@@ -338,10 +341,9 @@ def build_demo(
     """The whole app for one model manager (``switchable=False`` hides the model controls)."""
     h.configure(m, limits)
     limits = h.LIMITS
-    devices = ["cpu", *(["cuda"] if _cuda() else [])]
-    with gr.Blocks(title="AToken demo", delete_cache=(1800, 3600), analytics_enabled=False) as demo:
+    with gr.Blocks(title="AToken demo", delete_cache=(600, 3600), analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
-        status = _model_panel(m, devices, switchable)
+        status, model_st = _model_panel(m, switchable)
         image_st, video_st, asset_st = gr.State(None), gr.State(None), gr.State(None)
         with gr.Tabs():
             with gr.Tab("Image", id="image"):
@@ -356,16 +358,17 @@ def build_demo(
                 zs = _zeroshot_tab()
             with gr.Tab("Generation", id="generation"):
                 ge = _generation_tab()
-        _wire(demo, status, im, vi, a3, zs, ge, image_st, video_st, asset_st)
+        _wire(demo, status, model_st, im, vi, a3, zs, ge, image_st, video_st, asset_st)
     return demo
 
 
-def _wire(demo, status, im, vi, a3, zs, ge, image_st, video_st, asset_st) -> None:
+def _wire(demo, status, model_st, im, vi, a3, zs, ge, image_st, video_st, asset_st) -> None:
     gpu = {"concurrency_id": "gpu"}
     private = {"api_visibility": "private"}
-    # Events taking uploaded images get the raw upload (preprocess=False): Gradio would open it
-    # with Pillow first and fail on a broken file with a developer-facing message; the
-    # validators and atoken.media read it instead, with limits and readable errors.
+    # Every event taking a file gets the raw payload (preprocess=False): Gradio's own
+    # preprocessing would open payloads it has not checked; app.uploads.upload_path accepts
+    # only this server's uploads, and the validators and atoken.media read them with limits
+    # and readable errors.
     raw = {"preprocess": False}
     # image
     for trigger in (im["image"].change, im["max_side"].release):
@@ -385,6 +388,7 @@ def _wire(demo, status, im, vi, a3, zs, ge, image_st, video_st, asset_st) -> Non
             im["latent_mode"],
             im["seed"],
             im["temperature"],
+            model_st,
         ],
         [im["slider"], im["heat"], im["metrics"], im["files"], image_st],
         api_name="reconstruct_image",
@@ -413,17 +417,18 @@ def _wire(demo, status, im, vi, a3, zs, ge, image_st, video_st, asset_st) -> Non
     # video
     vi["run"].click(
         h.reconstruct_video_handler,
-        [vi["video"], vi["stride"], vi["max_side"], vi["max_frames"], vi["tokens"]],
+        [vi["video"], vi["stride"], vi["max_side"], vi["max_frames"], vi["tokens"], model_st],
         [vi["side"], vi["psnr"], vi["pca"], vi["metrics"], vi["files"], video_st],
         api_name="reconstruct_video",
         validator=h.validate_video,
         **gpu,
+        **raw,
     )
     # 3D
-    a3["mesh"].change(h.preview_mesh, a3["mesh"], a3["input_view"], **private)
+    a3["mesh"].change(h.preview_mesh, a3["mesh"], a3["input_view"], **private, **raw)
     a3["run"].click(
         h.reconstruct_3d_handler,
-        [a3["mesh"], a3["views"], a3["resolution"], a3["frames"]],
+        [a3["mesh"], a3["views"], a3["resolution"], a3["frames"], model_st],
         [
             a3["input_view"],
             a3["output_view"],
@@ -435,21 +440,32 @@ def _wire(demo, status, im, vi, a3, zs, ge, image_st, video_st, asset_st) -> Non
         api_name="reconstruct_3d",
         validator=h.validate_mesh,
         **gpu,
+        **raw,
     )
     # zero-shot
     zs["preset"].change(h.fill_labels, zs["preset"], zs["labels"], **private)
     zs["run"].click(
         h.classify_handler,
-        [zs["source"], zs["upload"], zs["labels"], zs["kind"], image_st, video_st, asset_st],
+        [
+            zs["source"],
+            zs["upload"],
+            zs["labels"],
+            zs["kind"],
+            image_st,
+            video_st,
+            asset_st,
+            model_st,
+        ],
         [zs["plot"], zs["label"]],
         api_name="classify",
         validator=h.validate_upload,
         **gpu,
+        **raw,
     )
     # generation
     ge["interp"].click(
         h.interpolate_handler,
-        [ge["image_b"], ge["steps"], ge["mode"], image_st],
+        [ge["image_b"], ge["steps"], ge["mode"], image_st, model_st],
         [ge["interp_video"], ge["interp_gallery"]],
         api_name="interpolate",
         validator=h.validate_second_image,
@@ -458,24 +474,18 @@ def _wire(demo, status, im, vi, a3, zs, ge, image_st, video_st, asset_st) -> Non
     )
     ge["vary"].click(
         h.variations_handler,
-        [ge["n"], ge["temperature"], ge["seed"], ge["new_seed"], image_st],
+        [ge["n"], ge["temperature"], ge["seed"], ge["new_seed"], image_st, model_st],
         [ge["gallery"], ge["seed"]],
         api_name="variations",
         **gpu,
     )
     ge["edit"].click(
         h.edit_handler,
-        [ge["editor"], ge["source"], ge["other"], ge["edit_seed"], image_st],
+        [ge["editor"], ge["source"], ge["other"], ge["edit_seed"], image_st, model_st],
         ge["edited"],
         api_name="edit_tokens",
         **gpu,
         **raw,
     )
-    demo.load(h.status, None, status, **private)
+    demo.load(h.status, model_st, status, **private)
     demo.unload(cleanup_session)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

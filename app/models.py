@@ -1,16 +1,22 @@
-"""Which model the app runs: the bundled checkpoint, official weights, a path, or a random model.
+"""Which models the app runs: the bundled checkpoint, official weights, a path, or a random model.
 
-One :class:`ModelManager` holds the running autoencoder (plus its continuous/discrete sibling
-and the Gaussian decoder, loaded on first use) for every session. Until the bundled
-``assets/atoken-tiny.safetensors`` exists, the app starts on an untrained random model and its
-status line says so in bold.
+The operator decides which models visitors may pick (:class:`Policy`: command-line flags and
+environment); each visitor's choice is a key kept in that visitor's session (``gr.State``), so
+one visitor never changes what another runs. Loaded models (autoencoders, their
+continuous/discrete siblings, Gaussian decoders) sit in one bounded, memory-aware
+:class:`ModelCache` keyed by name: never two copies of one model, least recently used ones
+evicted when the next would not fit. Until the bundled ``assets/atoken-tiny.safetensors``
+exists, the app starts on an untrained random model and its status line says so in bold.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
+import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.session import ServerBusy
 from atoken.attention import attention_backend
 from atoken.checkpoint import load, load_gaussian_decoder, resolve_dtype
 from atoken.config import ATokenConfig, decoder_trunk, encoder_trunk
@@ -39,7 +46,20 @@ RANDOM_C = ATokenConfig(
 RANDOM_D = replace(RANDOM_C, latent_channels=48, use_quantizer=True, name="random-tiny-d")
 RANDOM = {"random-tiny": RANDOM_C, "random-tiny-d": RANDOM_D}
 CUSTOM = "custom"
+FILE_PREFIX = "file:"  # keys of checkpoints in the operator's --weights-dir
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the operator lets visitors do; nothing a visitor sends is used as a path."""
+
+    models: tuple[str, ...] | None = None  # keys visitors may pick (None: all available)
+    allow_downloads: bool = False  # the panel's "download official weights" button
+    weights_dir: Path | None = None  # checkpoints in this folder are offered by file name
+    max_models: int = 4  # loaded models kept at once (autoencoders and Gaussian decoders)
+    max_bytes: int | None = None  # their memory; None: 40% of RAM (CPU) or 70% of the GPU
 
 
 @dataclass(frozen=True)
@@ -53,7 +73,18 @@ class Entry:
     note: str
 
 
-def entries(custom_path: str | None = None) -> list[Entry]:
+def weights_dir_files(folder: Path | None) -> dict[str, Path]:
+    """Checkpoint files in the operator's weights folder by key (``file:NAME``)."""
+    if folder is None or not folder.is_dir():
+        return {}
+    return {
+        FILE_PREFIX + p.name: p
+        for p in sorted(folder.iterdir())
+        if p.suffix in CHECKPOINT_SUFFIXES and p.is_file()
+    }
+
+
+def entries(custom_path: str | None = None, weights_dir: Path | None = None) -> list[Entry]:
     """Every model the panel lists, with whether it can be loaded now."""
     out = []
     for key in BUNDLED:
@@ -79,6 +110,10 @@ def entries(custom_path: str | None = None) -> list[Entry]:
         out.append(Entry(key, f"{key} (untrained, random)", "random", True, "random weights"))
     if custom_path:
         out.append(Entry(CUSTOM, f"custom: {Path(custom_path).name}", "path", True, custom_path))
+    for key, path in weights_dir_files(weights_dir).items():
+        out.append(
+            Entry(key, path.name, "path", True, f"{path.name} in the server's weights folder")
+        )
     return out
 
 
@@ -119,12 +154,14 @@ def _random_model(key: str, device: str, dtype: torch.dtype) -> ATokenModel:
 def build(
     key: str, device: str, dtype: torch.dtype, path: str | None = None, config: str | None = None
 ) -> ATokenModel:
-    """Load one model by key (``custom`` uses ``path``/``config``)."""
+    """Load one model by key (``custom`` and ``file:NAME`` use ``path``/``config``)."""
     if key in RANDOM:
         return _random_model(key, device, dtype)
-    if key == CUSTOM:
+    if key == CUSTOM or key.startswith(FILE_PREFIX):
         if not path:
             raise ValueError("give a checkpoint path for the custom model")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {Path(path).name}")
         return load(path, config or None, device=device, dtype=dtype)
     model = load_pretrained(key, device=device, dtype=dtype)
     assert isinstance(model, ATokenModel)
@@ -146,8 +183,87 @@ def build_gs(key: str, device: str, dtype: torch.dtype) -> tuple[GaussianDecoder
     return dec, name
 
 
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def default_model_memory(device: str) -> int:
+    """Bytes the model cache may hold: 70% of the GPU's memory, or 40% of the RAM."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return int(0.7 * torch.cuda.get_device_properties(torch.device(device)).total_memory)
+    return int(0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+class ModelCache:
+    """Loaded models by name, bounded in count and bytes; the least recently used go first.
+
+    Loads are serialised under one lock, so one name is never loaded twice at once. A model
+    evicted while a request still runs on it is freed when that request ends (with the app's
+    default of one model call at a time, that never overlaps a load).
+    """
+
+    def __init__(self, max_models: int, max_bytes: int):
+        if max_models < 1 or max_bytes < 1:
+            raise ValueError(f"model cache needs room: {max_models} models, {max_bytes} bytes")
+        self.max_models, self.max_bytes = max_models, max_bytes
+        self.lock = threading.RLock()
+        self._items: OrderedDict[str, tuple[torch.nn.Module, int]] = OrderedDict()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+    def names(self) -> list[str]:
+        """Loaded names, least recently used first."""
+        return list(self._items)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the loaded models."""
+        return sum(size for _, size in self._items.values())
+
+    def get(self, name: str, build: Callable[[], torch.nn.Module], estimate: int = 0):
+        """The cached model ``name``, built (after making room for ``estimate`` bytes) if absent."""
+        with self.lock:
+            if name in self._items:
+                self._items.move_to_end(name)
+                return self._items[name][0]
+            if estimate > self.max_bytes:
+                raise ServerBusy(
+                    f"model {name} needs about {estimate / 2**30:.1f} GB; this server keeps at "
+                    f"most {self.max_bytes / 2**30:.1f} GB of models"
+                )
+            self._make_room(estimate, slots=1)
+            module = build()
+            self._items[name] = (module, module_bytes(module))
+            self._make_room(0, slots=0, keep=name)
+            return module
+
+    def _make_room(self, extra: int, *, slots: int, keep: str | None = None) -> None:
+        evicted = False
+        while self._items:
+            over_count = len(self._items) + slots > self.max_models
+            over_bytes = self.used_bytes + extra > self.max_bytes
+            if not (over_count or over_bytes):
+                break
+            victim = next((n for n in self._items if n != keep), None)
+            if victim is None:
+                break
+            del self._items[victim]
+            evicted = True
+        if evicted:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
 class ModelManager:
-    """The running model (shared by all sessions), its siblings and settings."""
+    """The models visitors may run, loaded on demand into one shared, bounded cache.
+
+    ``key`` is the model new sessions start on; each session then names its own model
+    (checked against :meth:`entries`) in every call. Device and dtype are the operator's.
+    """
 
     def __init__(
         self,
@@ -158,76 +274,123 @@ class ModelManager:
         path: str | None = None,
         config: str | None = None,
         backend: str = "sdpa",
+        policy: Policy | None = None,
     ):
-        self.lock = threading.RLock()
-        self.custom_path, self.custom_config = path, config
-        self.backend = backend
-        self.backend_note = ""
-        self.load(key or default_key(path), device=device, dtype=dtype)
-
-    # -- loading ---------------------------------------------------------------------------
-    def load(
-        self,
-        key: str,
-        *,
-        device: str | None = None,
-        dtype: str | None = None,
-        path: str | None = None,
-        config: str | None = None,
-    ) -> str:
-        """Switch every session to another model; returns the new status line."""
-        device = device or self.device
-        dtype = dtype or self.dtype_name
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was chosen but no CUDA GPU is visible")
-        if path:
-            self.custom_path, self.custom_config = path, config
-            key = CUSTOM
+        self.policy = policy or Policy()
+        self.custom_path, self.custom_config = path, config
+        self.device, self.dtype_name = device, dtype
+        self.backend, self.backend_note = backend, ""
+        self.cache = ModelCache(
+            self.policy.max_models, self.policy.max_bytes or default_model_memory(device)
+        )
         t0 = time.perf_counter()
-        model = build(key, device, resolve_dtype(dtype), self.custom_path, self.custom_config)
-        with self.lock:
-            self.key, self.model = key, model
-            self.device, self.dtype_name = device, dtype
-            self.siblings: dict[bool, ATokenModel] = {model.is_discrete: model}
-            self.gs: tuple[GaussianDecoder, str] | None = None
-            self.load_seconds = time.perf_counter() - t0
-            self.generation = getattr(self, "generation", 0) + 1
-        return self.status()
+        self.key = self.check(key or default_key(path))
+        self.get(self.key)
+        self.load_seconds = time.perf_counter() - t0
+
+    # -- which models -------------------------------------------------------------------------
+    def entries(self) -> list[Entry]:
+        """The models visitors may pick (the operator's list, plus the start model)."""
+        allowed = self.policy.models
+        out = []
+        for e in entries(self.custom_path, self.policy.weights_dir):
+            if allowed is None or e.key in allowed or e.key == getattr(self, "key", None):
+                out.append(e)
+        return out
+
+    def check(self, key) -> str:
+        """``key`` if visitors may run it now, else ValueError naming the choices."""
+        by_key = {e.key: e for e in self.entries()}
+        if not isinstance(key, str) or key not in by_key:
+            names = ", ".join(by_key)
+            raise ValueError(f"unknown model {str(key)[:60]!r}; this server offers: {names}")
+        entry = by_key[key]
+        if not entry.available:
+            if entry.source == "official":
+                raise FileNotFoundError(
+                    f"official weights for {key} are not in this server's cache"
+                    + (" (download them first)" if self.policy.allow_downloads else "")
+                )
+            raise FileNotFoundError(f"{key} is not available on this server ({entry.note})")
+        return key
+
+    def _path(self, key: str) -> str | None:
+        if key == CUSTOM:
+            return self.custom_path
+        if key.startswith(FILE_PREFIX):
+            path = weights_dir_files(self.policy.weights_dir).get(key)
+            return None if path is None else str(path)
+        return None
+
+    def _estimate(self, key: str) -> int:
+        """Bytes a model will take, from its file (0 when unknown)."""
+        path = self._path(key)
+        if key in BUNDLED:
+            path = bundled_path(key)
+        elif key in OFFICIAL_WEIGHTS:
+            path = cached_path(key)
+        try:
+            size = Path(path).stat().st_size if path else 0
+        except OSError:
+            size = 0
+        return size if self.dtype_name == "float32" else size // 2
+
+    def get(self, key: str) -> ATokenModel:
+        """The autoencoder ``key`` (loaded into the cache on first use)."""
+        path, config = self._path(key), self.custom_config if key == CUSTOM else None
+        dtype = resolve_dtype(self.dtype_name)
+        return self.cache.get(
+            key, lambda: build(key, self.device, dtype, path, config), self._estimate(key)
+        )
+
+    def load(self, key: str) -> str:
+        """Check and load a visitor's choice (their session only); returns its status line."""
+        self.get(self.check(key))
+        return self.status(key)
 
     @property
-    def is_random(self) -> bool:
-        """True while an untrained model runs."""
-        return self.key in RANDOM
+    def model(self) -> ATokenModel:
+        """The start model (new sessions run it)."""
+        return self.get(self.key)
 
-    def model_for(self, discrete: bool) -> tuple[ATokenModel, str, str]:
-        """(model, latent mode, note) for continuous or discrete tokens.
+    def is_random(self, key: str | None = None) -> bool:
+        """True for an untrained model."""
+        return (key or self.key) in RANDOM
 
-        Uses the running model when it already is of that kind, else its sibling (loaded once);
+    def model_for(self, discrete: bool, key: str | None = None) -> tuple[ATokenModel, str, str]:
+        """(model, latent mode, note) for continuous or discrete tokens of a session's model.
+
+        Uses the model itself when it already is of that kind, else its sibling (cached);
         an FSQ model without a continuous sibling decodes its unquantized mean.
         """
-        with self.lock:
-            if discrete in self.siblings:
-                model = self.siblings[discrete]
-                return model, ("fsq" if discrete else "mean"), self._name(model)
-            other = sibling_key(self.key, discrete)
-            if other is not None and self._loadable(other):
-                model = build(other, self.device, resolve_dtype(self.dtype_name))
-                self.siblings[discrete] = model
-                return model, ("fsq" if discrete else "mean"), other
-            if not discrete:
-                note = f"{self.key}: FSQ model decoding its unquantized mean"
-                return self.model, "mean", note
+        key = key or self.key
+        model = self.get(key)
+        if model.is_discrete == discrete:
+            return model, ("fsq" if discrete else "mean"), model.config.name or key
+        other = sibling_key(key, discrete)
+        if other is not None and self._loadable(other):
+            return self.get(other), ("fsq" if discrete else "mean"), other
+        if not discrete:
+            return model, "mean", f"{key}: FSQ model decoding its unquantized mean"
         raise ValueError(
-            f"{self.key} is continuous and has no discrete (FSQ) sibling available; load an FSQ "
+            f"{key} is continuous and has no discrete (FSQ) sibling available; load an FSQ "
             "model (so-d, atoken-tiny-d or random-tiny-d) in the model panel"
         )
 
-    def gaussian_decoder(self) -> tuple[GaussianDecoder, str]:
-        """The Gaussian decoder that pairs with the running model (loaded on first use)."""
-        with self.lock:
-            if self.gs is None:
-                self.gs = build_gs(self.key, self.device, resolve_dtype(self.dtype_name))
-            return self.gs
+    def gaussian_decoder(self, key: str | None = None) -> tuple[GaussianDecoder, str]:
+        """The Gaussian decoder that pairs with a session's model (cached)."""
+        key = key or self.key
+        name = gs_key(key)
+        if name == "atoken-tiny-gs" and bundled_path(name) is None:
+            name = "random-tiny-gs"
+        note = "untrained random Gaussian decoder (tiny-gs)" if name == "random-tiny-gs" else name
+        dtype = resolve_dtype(self.dtype_name)
+        dec = self.cache.get(f"gaussians:{name}", lambda: build_gs(key, self.device, dtype)[0])
+        return dec, note
 
     def _loadable(self, key: str) -> bool:
         if key in RANDOM:
@@ -236,12 +399,9 @@ class ModelManager:
             return bundled_path(key) is not None
         return key in OFFICIAL_WEIGHTS and cached_path(key) is not None
 
-    def _name(self, model: ATokenModel) -> str:
-        return model.config.name or self.key
-
-    def tag(self, discrete: bool) -> str:
+    def tag(self, discrete: bool, key: str | None = None) -> str:
         """Identifies results: latents from one tag can be reused only under the same tag."""
-        return f"{self.generation}:{self.key}:{int(discrete)}"
+        return f"{key or self.key}:{int(discrete)}"
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
@@ -250,20 +410,20 @@ class ModelManager:
             yield
 
     # -- status ------------------------------------------------------------------------------
-    def status(self) -> str:
-        """The 'which model is running' line (markdown), loud for untrained models."""
-        m = self.model
+    def status(self, key: str | None = None) -> str:
+        """A session's 'which model is running' line (markdown), loud for untrained models."""
+        key = key or self.key
+        m = self.get(key)
         params = sum(p.numel() for p in m.parameters()) / 1e6
         kind = "discrete FSQ" if m.is_discrete else "continuous KL"
         where = f"{self.device}, {self.dtype_name}, attention {self.backend}{self.backend_note}"
-        line = f"**Running:** `{self.key}` ({kind}, {params:.1f} M parameters) on {where}"
-        if self.is_random:
+        line = f"**Running:** `{key}` ({kind}, {params:.1f} M parameters) on {where}"
+        if self.is_random(key):
             return (
-                f"### ⚠️ UNTRAINED MODEL: `{self.key}` has random weights\n"
-                "The bundled checkpoint `assets/atoken-tiny.safetensors` is not there yet, so "
-                "reconstructions, latents and labels below are noise. They show how the app "
-                "works, not what AToken does. Load official or bundled weights in the panel.\n\n"
-                + line
+                f"### ⚠️ UNTRAINED MODEL: `{key}` has random weights\\n"
+                "Reconstructions, latents and labels below are noise: they show how the app "
+                "works, not what AToken does. Pick the bundled `atoken-tiny` (or official "
+                "weights) in the model panel.\\n\\n" + line
             )
         return line
 

@@ -1,12 +1,16 @@
-"""Per-session output folders (deleted when the browser tab closes) and friendly errors."""
+"""Per-session output folders (deleted when the browser tab closes, swept when orphaned) and
+friendly errors."""
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +24,14 @@ from atoken.text import TextTowerUnavailable
 
 log = logging.getLogger("atoken.app")
 ROOT = Path(tempfile.gettempdir()) / "atoken-app"
+SESSION_TTL = 3600.0  # s: a session folder untouched this long is removed by the sweep
+OUTPUT_CAP = 2 * 2**30  # bytes: above this the oldest session folders are removed first
+
+
+class ServerBusy(RuntimeError):
+    """The server cannot take this request now (output space or model memory is full)."""
+
+
 # Errors whose message is written for people: shown as they are.
 READABLE = (
     MediaError,
@@ -28,6 +40,7 @@ READABLE = (
     TextTowerUnavailable,
     CheckpointError,
     DownloadError,
+    ServerBusy,
 )
 
 
@@ -38,8 +51,18 @@ def session_root(request: gr.Request | None) -> Path:
 
 
 def run_dir(request: gr.Request | None, kind: str) -> Path:
-    """A fresh folder for one request's files inside the session folder."""
+    """A fresh folder for one request's files inside the session folder.
+
+    Over the output cap, the oldest other sessions are swept first; if that is not enough the
+    request is refused before it writes anything."""
     root = session_root(request)
+    if folder_size(ROOT) > OUTPUT_CAP:
+        sweep(keep=root.name)
+        if folder_size(ROOT) > OUTPUT_CAP:
+            raise ServerBusy(
+                f"the server's output space ({OUTPUT_CAP / 2**30:.0f} GB) is full; try again "
+                "in a few minutes"
+            )
     root.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=root))
 
@@ -47,6 +70,88 @@ def run_dir(request: gr.Request | None, kind: str) -> Path:
 def cleanup_session(request: gr.Request) -> None:
     """Delete a session's files (wired to ``demo.unload``)."""
     shutil.rmtree(session_root(request), ignore_errors=True)
+
+
+def folder_size(path: Path) -> int:
+    """Bytes of all files under ``path`` (0 when it does not exist)."""
+    total = 0
+    for dirpath, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+def _last_use(folder: Path) -> float:
+    """Newest modification time of a session folder and its run folders."""
+    times = [folder.stat().st_mtime]
+    times += [p.stat().st_mtime for p in folder.iterdir()]
+    return max(times)
+
+
+def sweep(
+    root: Path | None = None,
+    *,
+    ttl: float | None = None,
+    cap: int | None = None,
+    keep: str = "",
+) -> list[str]:
+    """Remove session folders older than ``ttl``, then the oldest until the total is under
+    ``cap`` (never the folder named ``keep``); returns the removed folder names.
+
+    Catches sessions that never sent an unload (raw HTTP clients, killed tabs)."""
+    root = ROOT if root is None else root
+    ttl = SESSION_TTL if ttl is None else ttl
+    cap = OUTPUT_CAP if cap is None else cap
+    removed: list[str] = []
+    if not root.is_dir():
+        return removed
+    now = time.time()
+    folders = []
+    for folder in root.iterdir():
+        try:
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            folders.append((_last_use(folder), folder))
+        except OSError:  # removed meanwhile
+            continue
+    folders.sort()
+    alive = []
+    for used, folder in folders:
+        if now - used > ttl and folder.name != keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+        else:
+            alive.append((used, folder, folder_size(folder)))
+    total = sum(size for *_, size in alive)
+    for _, folder, size in alive:
+        if total <= cap:
+            break
+        if folder.name == keep:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder.name)
+        total -= size
+    return removed
+
+
+def start_sweeper(interval: float = 300.0, **kwargs) -> threading.Thread:
+    """Sweep now and then every ``interval`` seconds in a daemon thread."""
+    sweep(**kwargs)
+
+    def loop() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                sweep(**kwargs)
+            except Exception:  # noqa: BLE001 - a failed sweep must never stop the server
+                log.exception("output sweep failed")
+
+    thread = threading.Thread(target=loop, name="atoken-sweeper", daemon=True)
+    thread.start()
+    return thread
 
 
 def friendly(fn: Callable) -> Callable:

@@ -76,10 +76,64 @@ class Bar:
         self.bar.close()
 
 
+def apply_budget(args: argparse.Namespace) -> None:
+    """Check the input against the default work budget before any decoding or model work.
+
+    "Keep size" images over the token budget are downscaled (said on stderr); anything else
+    over budget raises MediaError naming the limit. ``--no-budget`` skips this on purpose.
+    """
+    if args.no_budget:
+        return
+    from atoken.budget import Budget, check_video_budget, plan_image
+
+    budget = Budget.for_device(args.device)
+    kind = kind_of(args.input)
+    try:
+        if kind == "image":
+            plan = plan_image(args.input, args.max_side, budget)
+            if plan.note:
+                print(f"note: {plan.note}", file=sys.stderr)
+            args.max_side = plan.max_side
+        elif kind == "video":
+            from atoken.pipeline import VideoLimits, check_video
+
+            limits = VideoLimits(
+                max_frames=budget.max_frames, max_read_frames=budget.max_read_frames
+            )
+            info = check_video(
+                args.input,
+                limits,
+                stride=args.stride,
+                max_side=args.max_side,
+                max_frames=args.max_frames,
+            )
+            check_video_budget(
+                info.num_frames,
+                info.width,
+                info.height,
+                budget,
+                stride=args.stride,
+                max_side=args.max_side,
+                max_frames=args.max_frames,
+            )
+        elif Path(args.input).suffix.lower() != ".zip":
+            from atoken.mesh_count import count_mesh_elements
+
+            counts = count_mesh_elements(args.input)
+            if counts.faces > budget.max_faces or counts.vertices > budget.max_vertices:
+                raise MediaError(
+                    f"the mesh has {counts.faces} faces and {counts.vertices} vertices; the "
+                    f"limit is {budget.max_faces} faces and {budget.max_vertices} vertices"
+                )
+    except MediaError as e:
+        raise MediaError(f"{e} [work budget: --no-budget lifts it]") from e
+
+
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from atoken.pipeline import reconstruct_image, reconstruct_video
 
     kind = kind_of(args.input)
+    apply_budget(args)
     model = build_model(args)
     if kind == "image":
         res = reconstruct_image(
@@ -137,6 +191,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     from atoken.pipeline import encode_file
 
+    apply_budget(args)
     model = build_model(args)
     bar = Bar("encode")
     try:
@@ -253,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="latent fed to the decoder (auto: FSQ codes for So/D, else the mean)",
         )
         q.add_argument("--seed", type=int, default=None, help="seed for --mode sample")
+        q.add_argument(
+            "--no-budget",
+            action="store_true",
+            help="lift the default work budget (tokens, pixels, frames, faces: atoken.budget)",
+        )
 
     q = sub.add_parser("reconstruct", help="image/video/mesh -> reconstruction")
     q.add_argument("input")

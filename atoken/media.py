@@ -8,6 +8,7 @@ by frame so that long videos never sit in memory whole.
 from __future__ import annotations
 
 import io
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,50 +139,142 @@ class VideoInfo:
     fps: float
     num_frames: int
     duration: float
+    counted: bool = False  # num_frames counted in the container, not estimated as fps x duration
 
 
-def _ffmpeg_reader(path: str, size: tuple[int, int] | None = None):
+MAX_COUNT_SECONDS = 20.0  # a frame-count pass slower than this refuses the file
+MAX_HEADER_FPS = 1000.0  # header frame rates above this are not believed
+DEFAULT_FPS = 25.0  # when neither the header nor a count gives a frame rate
+
+
+def _ffmpeg_reader(path: str, size: tuple[int, int] | None = None, max_frames: int | None = None):
+    """imageio-ffmpeg's raw RGB frame generator (metadata first) over the first video stream.
+
+    ``passthrough`` hands over every decoded frame exactly once: the default for a raw pipe
+    resamples to the header's constant rate, which turns a variable-rate GIF of 100 frames
+    into 1084. ``max_frames`` makes ffmpeg itself stop decoding after that many frames.
+    """
     import imageio_ffmpeg
 
-    output_params = []
+    output_params = ["-map", "0:v:0", "-fps_mode", "passthrough"]
     if size is not None:
-        output_params = ["-vf", f"scale={size[0]}:{size[1]}:flags=lanczos"]
-    return imageio_ffmpeg.read_frames(path, pix_fmt="rgb24", output_params=output_params or None)
+        output_params += ["-vf", f"scale={size[0]}:{size[1]}:flags=lanczos"]
+    if max_frames is not None:
+        output_params += ["-frames:v", str(max_frames)]
+    return imageio_ffmpeg.read_frames(path, pix_fmt="rgb24", output_params=output_params)
 
 
-def probe_video(path: str | Path) -> VideoInfo:
-    """Size, frame rate and frame count of a video (counting frames when the header has none)."""
-    path = Path(path)
+def _read_header(path: Path) -> dict:
+    """imageio-ffmpeg's metadata of a video file (size after rotation, header fps, duration)."""
     if not path.is_file():
         raise MediaError(f"video not found: {path}")
     if path.stat().st_size == 0:
         raise MediaError(f"{path.name} is empty")
+    reader = _ffmpeg_reader(str(path), max_frames=1)  # ffmpeg exits sooner, not decoding on
     try:
-        reader = _ffmpeg_reader(str(path))
-        meta = next(reader)
-        reader.close()
-    except (OSError, RuntimeError, StopIteration) as e:
+        return next(reader)
+    except (OSError, RuntimeError, StopIteration, AttributeError, IndexError) as e:
+        # the last two: imageio-ffmpeg's header parser on a file without a video stream
         raise MediaError(f"{path.name} is not a video ffmpeg can read: {_short(e)}") from e
-    w, h = meta.get("size", (0, 0))
-    fps = float(meta.get("fps") or 0.0) or 25.0
-    duration = float(meta.get("duration") or 0.0)
-    n = int(round(duration * fps)) if duration else 0
-    # GIF headers report ffmpeg's 100 fps timebase: count the frames instead
-    if n == 0 or not w or path.suffix.lower() == ".gif":
-        import imageio_ffmpeg
+    finally:
+        reader.close()
 
-        try:
-            n, duration = imageio_ffmpeg.count_frames_and_secs(str(path))
-        except (OSError, RuntimeError) as e:
-            raise MediaError(f"{path.name}: cannot count frames: {_short(e)}") from e
-    if n == 0 or not w:
+
+def count_video_frames(
+    path: str | Path, *, max_seconds: float = MAX_COUNT_SECONDS
+) -> tuple[int, float]:
+    """Frames in the first video stream and the timestamp of its last one, in seconds.
+
+    One pass over the container's packets, copied to the null muxer without decoding (about
+    20 ms for 10 s of 1080p H.264), so a header that lies about the frame rate or duration
+    cannot hide frames. Each packet is one frame in mp4, mov, webm, mkv, avi and GIF; a
+    damaged file can count a frame or two more than decode, never fewer. The timestamp is
+    that of the last packet (a frame or two short of the end, depending on the container),
+    0.0 when the stream has none.
+    """
+    import imageio_ffmpeg
+
+    path = Path(path)
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path)]
+    cmd += ["-map", "0:v:0", "-c", "copy", "-f", "null", "-progress", "pipe:1", "-nostats", "-"]
+    try:
+        run = subprocess.run(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=max_seconds,
+        )
+    except subprocess.TimeoutExpired as e:  # run() has killed ffmpeg
+        raise MediaError(
+            f"{path.name}: counting its frames took more than {max_seconds:g} s; the limit is "
+            f"{max_seconds:g} s (the video is too long or damaged)"
+        ) from e
+    except OSError as e:
+        raise MediaError(f"{path.name}: cannot run ffmpeg to count frames: {e}") from e
+    if run.returncode != 0:
+        if "matches no streams" in run.stderr:
+            raise MediaError(f"{path.name} has no video frames")
+        raise MediaError(f"{path.name} is not a video ffmpeg can read: {_short(run.stderr)}")
+    # -progress writes blocks of key=value lines; the last block is the final tally
+    progress = dict(line.split("=", 1) for line in run.stdout.splitlines() if "=" in line)
+    if not progress.get("frame", "").strip().isdigit():
+        raise MediaError(f"{path.name}: ffmpeg did not report a frame count")
+    us = progress.get("out_time_us", "").strip()
+    seconds = int(us) / 1e6 if us.lstrip("-").isdigit() and int(us) > 0 else 0.0
+    return int(progress["frame"]), seconds
+
+
+def _frame_rate(header_fps: float, num_frames: int, last_time: float, duration: float) -> float:
+    """The header's frame rate when the counted frames agree with it, else frames / duration.
+
+    ``last_time`` (the last frame's timestamp) should be about ``(num_frames - k) / fps``, with
+    ``k`` 0 to 2 by container; a header rate that misses by more is a lie or a variable rate.
+    """
+    plausible = 0 < header_fps <= MAX_HEADER_FPS
+    if plausible and (
+        last_time <= 0 or abs(header_fps * last_time - num_frames) <= max(3, 0.05 * num_frames)
+    ):
+        return header_fps
+    if duration > 0:
+        return num_frames / duration
+    return header_fps if plausible else DEFAULT_FPS
+
+
+def probe_video(
+    path: str | Path, *, count: bool = True, max_count_seconds: float = MAX_COUNT_SECONDS
+) -> VideoInfo:
+    """Size, frame rate, frame count and duration of a video.
+
+    With ``count`` (the default) the frames are counted in one pass over the packets
+    (:func:`count_video_frames`; refused after ``max_count_seconds``): use this before
+    enforcing limits. ``count=False`` reads only the header and estimates fps x duration,
+    which a header can get wildly wrong (a 1000 fps clip reads as 25 fps); it counts anyway
+    when the header has no duration.
+    """
+    path = Path(path)
+    meta = _read_header(path)
+    w, h = meta.get("size") or (0, 0)
+    if not w or not h:
         raise MediaError(f"{path.name} has no video frames")
-    if path.suffix.lower() == ".gif" and duration > 0:
-        fps = n / duration
-    return VideoInfo(int(w), int(h), fps, int(n), float(duration or n / fps))
+    header_fps = float(meta.get("fps") or 0.0)
+    header_duration = float(meta.get("duration") or 0.0)
+    if not count and header_duration > 0:
+        fps = header_fps if 0 < header_fps <= MAX_HEADER_FPS else DEFAULT_FPS
+        n = max(1, round(header_duration * fps))
+        return VideoInfo(int(w), int(h), fps, n, header_duration, counted=False)
+    n, last_time = count_video_frames(path, max_seconds=max_count_seconds)
+    if n == 0:
+        raise MediaError(f"{path.name} has no video frames")
+    # the header's duration can be the container's (a longer audio track); the count's is
+    # the video's own: the longer one is the one limits should see
+    duration = max(header_duration, last_time)
+    fps = _frame_rate(header_fps, n, last_time, duration)
+    return VideoInfo(int(w), int(h), fps, n, duration or n / fps, counted=True)
 
 
-def _short(e: BaseException) -> str:
+def _short(e: BaseException | str) -> str:
     text = str(e).strip().splitlines()
     return text[-1][:200] if text else type(e).__name__
 
@@ -200,29 +293,50 @@ def iter_video_frames(
     stride: int = 1,
     max_side: int | None = None,
     max_frames: int | None = None,
+    max_read: int | None = None,
 ) -> Iterator[np.ndarray]:
-    """Stream uint8 ``[H, W, 3]`` frames (every ``stride``-th, scaled to ``max_side``)."""
+    """Stream uint8 ``[H, W, 3]`` frames (every ``stride``-th, scaled to ``max_side``).
+
+    Stops quietly once ``max_frames`` frames are kept. ``max_read`` is a hard limit on the
+    frames decoded from the file, counted before the stride and whatever the header says:
+    past it the stream raises :class:`MediaError` instead (after yielding what the first
+    ``max_read`` frames gave). ffmpeg is told to stop at what is needed, at most one frame
+    past ``max_read`` (the one that shows the limit is exceeded), and is stopped whenever the
+    iteration ends.
+    """
     if stride < 1:
         raise MediaError(f"frame stride must be >= 1, got {stride}")
-    info = probe_video(path)
-    size = scaled_size(info.width, info.height, max_side)
-    w, h = size or (info.width, info.height)
-    reader = _ffmpeg_reader(str(path), size)
+    if max_read is not None and max_read < 1:
+        raise MediaError(f"max_read must be >= 1, got {max_read}")
+    name = Path(path).name
+    meta = _read_header(Path(path))
+    size = scaled_size(*meta["size"], max_side)
+    w, h = size or meta["size"]
+    stop = None if max_read is None else max_read + 1  # one more shows the limit is passed
+    if max_frames:
+        needed = (max_frames - 1) * stride + 1
+        stop = needed if stop is None else min(stop, needed)
+    reader = _ffmpeg_reader(str(path), size, max_frames=stop)
     try:
         next(reader)  # metadata
         kept = 0
         for i, buf in enumerate(reader):
+            if max_read is not None and i >= max_read:
+                raise MediaError(
+                    f"{name} has more than {max_read} frames; the limit is {max_read} frames "
+                    "decoded per video (raise the stride or set a lower frame limit)"
+                )
             if i % stride:
                 continue
             frame = np.frombuffer(buf, np.uint8)
             if frame.size != w * h * 3:
-                raise MediaError(f"{Path(path).name}: frame {i} has an unexpected size")
+                raise MediaError(f"{name}: frame {i} has an unexpected size")
             yield frame.reshape(h, w, 3)
             kept += 1
             if max_frames is not None and kept >= max_frames:
                 break
-    except RuntimeError as e:
-        raise MediaError(f"{Path(path).name}: decoding failed: {_short(e)}") from e
+    except (OSError, RuntimeError) as e:
+        raise MediaError(f"{name}: decoding failed: {_short(e)}") from e
     finally:
         reader.close()
 

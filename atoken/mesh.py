@@ -28,9 +28,12 @@ import numpy as np
 import trimesh
 from PIL import Image
 
+from atoken.mesh_count import count_mesh_elements
+
 MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
 SUFFIXES = (*MESH_SUFFIXES, ".zip")
 MAX_FACES = 2_000_000
+MAX_VERTICES = 2_000_000  # as stored in the file (an STL stores 3 per face)
 MAX_FILE_BYTES = 256 * 2**20  # size of the uploaded file
 MAX_ZIP_BYTES = 512 * 2**20  # total uncompressed size of a zip's members
 MAX_ZIP_MEMBERS = 256
@@ -47,6 +50,7 @@ def load_mesh(
     path: str | Path,
     *,
     max_faces: int = MAX_FACES,
+    max_vertices: int = MAX_VERTICES,
     max_bytes: int = MAX_FILE_BYTES,
     max_zip_bytes: int = MAX_ZIP_BYTES,
     max_zip_members: int = MAX_ZIP_MEMBERS,
@@ -55,6 +59,8 @@ def load_mesh(
     """Load a mesh file (or a zip with one) -> one merged, Z-up mesh normalised into [-0.5, 0.5]^3.
 
     ``up_axis`` is "y" or "z"; None picks it from the format as Blender's importers do.
+    Faces and vertices are counted from the file's header (or a byte scan for OBJ / ASCII STL)
+    before it is parsed, so an oversized file is refused cheaply.
     """
     path = Path(path)
     if not path.is_file():
@@ -68,10 +74,10 @@ def load_mesh(
     if up_axis not in (None, "y", "z"):
         raise MeshError(f"up_axis must be 'y', 'z' or None, got {up_axis!r}")
     if suffix != ".zip":
-        return _load_file(path, max_faces=max_faces, up_axis=up_axis)
+        return _load_file(path, max_faces=max_faces, max_vertices=max_vertices, up_axis=up_axis)
     with tempfile.TemporaryDirectory(prefix="atoken_mesh_") as tmp:
         member = extract_zip(path, Path(tmp), max_bytes=max_zip_bytes, max_members=max_zip_members)
-        return _load_file(member, max_faces=max_faces, up_axis=up_axis)
+        return _load_file(member, max_faces=max_faces, max_vertices=max_vertices, up_axis=up_axis)
 
 
 def extract_zip(
@@ -133,8 +139,11 @@ def _safe_member_path(zip_name: str, name: str) -> PurePosixPath:
     return rel
 
 
-def _load_file(path: Path, *, max_faces: int, up_axis: str | None) -> trimesh.Trimesh:
+def _load_file(
+    path: Path, *, max_faces: int, max_vertices: int, up_axis: str | None
+) -> trimesh.Trimesh:
     suffix = path.suffix.lower()
+    _check_counts(path, max_faces=max_faces, max_vertices=max_vertices)
     try:
         scene = trimesh.load_scene(str(path), file_type=suffix[1:], process=False)
     except MeshError:
@@ -170,6 +179,18 @@ def _load_file(path: Path, *, max_faces: int, up_axis: str | None) -> trimesh.Tr
     if up == "y":  # Blender's glTF / OBJ import: Y up -> Z up
         mesh.apply_transform(_Y_UP_TO_Z_UP)
     return normalize_mesh(mesh)
+
+
+def _check_counts(path: Path, *, max_faces: int, max_vertices: int) -> None:
+    """Refuse a file whose header (or byte scan) shows too many faces or vertices."""
+    try:
+        counts = count_mesh_elements(path)
+    except (ValueError, OSError) as e:
+        raise MeshError(f"{path.name}: could not read it as {path.suffix.lower()[1:]} ({e})") from e
+    if counts.faces > max_faces:
+        raise MeshError(f"{path.name}: {counts.faces} faces, the limit is {max_faces}")
+    if counts.vertices > max_vertices:
+        raise MeshError(f"{path.name}: {counts.vertices} vertices, the limit is {max_vertices}")
 
 
 # (x, y, z) -> (x, -z, y): a +90 degree turn about X.

@@ -166,9 +166,10 @@ def chunk_frames(frames: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray
 class VideoLimits:
     """Refuse videos beyond these before any model work (the app sets tighter ones)."""
 
-    max_frames: int = 100_000
+    max_frames: int = 100_000  # frames the model sees, after the stride and the frame limit
     max_side: int = 4096
     max_duration: float = 24 * 3600.0
+    max_read_frames: int = 100_000  # frames decoded from the file, before the stride
 
 
 def check_video(
@@ -179,11 +180,15 @@ def check_video(
     max_side: int | None = None,
     max_frames: int | None = None,
 ) -> VideoInfo:
-    """Probe a video and refuse it, with the limit in the message, before any model work."""
+    """Probe a video and refuse it, with the limit in the message, before any model work.
+
+    The frames are counted in the file (:func:`probe_video`), so a header that lies about
+    the frame rate or duration cannot slip past ``max_frames`` or ``max_read_frames``.
+    """
     limits = limits or VideoLimits()
     if stride < 1:
         raise MediaError(f"frame stride must be >= 1, got {stride}")
-    info = probe_video(path)
+    info = probe_video(path, count=True)
     if max(info.width, info.height) > limits.max_side and not max_side:
         raise MediaError(
             f"video is {info.width}x{info.height}; the limit is {limits.max_side} px per side "
@@ -200,6 +205,13 @@ def check_video(
         raise MediaError(
             f"video has {total} frames after stride {stride}; the limit is {limits.max_frames} "
             "(raise the stride or set a frame limit)"
+        )
+    # what iter_video_frames decodes: up to the last kept frame, skipped frames included
+    read = min(info.num_frames, (max_frames - 1) * stride + 1) if max_frames else info.num_frames
+    if read > limits.max_read_frames:
+        raise MediaError(
+            f"video has {info.num_frames} frames and {read} would be decoded at stride {stride}; "
+            f"the limit is {limits.max_read_frames} decoded frames (set a lower frame limit)"
         )
     return info
 
@@ -243,7 +255,14 @@ def reconstruct_video(
     psnrs: list[float] = []
     state, basis = None, None
     done, tokens, size = 0, 0, (0, 0)
-    frames = iter_video_frames(path, stride=stride, max_side=max_side, max_frames=max_frames)
+    # a hard stop while streaming, whatever the count said (a file may change under us)
+    frames = iter_video_frames(
+        path,
+        stride=stride,
+        max_side=max_side,
+        max_frames=max_frames,
+        max_read=(limits or VideoLimits()).max_read_frames,
+    )
     try:
         for clip in chunk_frames(frames, chunk):
             clip = crop_to_grid(clip)

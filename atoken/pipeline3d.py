@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import trimesh
 from torch import Tensor
 
 from atoken.cameras import Camera, orbit_cameras, turntable_cameras
@@ -121,7 +122,7 @@ def encode_voxels(
 def reconstruct_asset(
     model: ATokenModel,
     gs_decoder: GaussianDecoder,
-    mesh_path: str | Path,
+    mesh_path: str | Path | trimesh.Trimesh,
     out_ply: str | Path,
     *,
     num_views: int | None = None,
@@ -135,7 +136,9 @@ def reconstruct_asset(
     eval_resolution: int = EVAL_RESOLUTION,
     progress: Progress | None = None,
 ) -> AssetResult:
-    """Mesh file -> Gaussians (.ply), an input .glb preview, optional turntable mp4, metrics."""
+    """Mesh file -> Gaussians (.ply), an input .glb preview, optional turntable mp4, metrics.
+
+    ``mesh_path`` may also be a mesh already loaded with ``load_mesh`` (with its own limits)."""
     times: dict[str, float] = {}
     steps = 5 + bool(metrics) + bool(turntable)
     step = 0
@@ -151,7 +154,7 @@ def reconstruct_asset(
     t = time.perf_counter()
     out_ply = Path(out_ply)
     out_ply.parent.mkdir(parents=True, exist_ok=True)
-    mesh = load_mesh(mesh_path)
+    mesh = mesh_path if isinstance(mesh_path, trimesh.Trimesh) else load_mesh(mesh_path)
     input_glb = mesh_to_glb(mesh, out_ply.with_name(out_ply.stem + "_input.glb"))
     t = tick("load", t)
     feats, coords = mesh_to_voxels(

@@ -39,21 +39,19 @@ def app_server() -> dict:
     if "url" not in _APP:
         from app.layout import build_demo
         from app.models import ModelManager
-        from app.session import ROOT as SESSIONS
+        from app.uploads import launch_options
 
         manager = ModelManager(os.environ.get("ATOKEN_TEST_MODEL", "random-tiny"))
         demo = build_demo(manager, small_limits())
         demo.queue(default_concurrency_limit=1)
         port = free_port()
-        SESSIONS.mkdir(parents=True, exist_ok=True)
         demo.launch(
             server_name="127.0.0.1",
             server_port=port,
             prevent_thread_lock=True,
-            max_file_size="20mb",
-            allowed_paths=[str(SESSIONS)],
             quiet=True,
             show_error=True,
+            **launch_options("20mb", max_body_bytes=8 * 2**20),
         )
         atexit.register(demo.close)
         _APP.update(url=f"http://127.0.0.1:{port}/", demo=demo, manager=manager)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import http.server
+import json
+import shutil
+import tempfile
 import threading
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -15,6 +19,7 @@ from app import handlers as h
 from app import models
 from app.models import ModelManager, sibling_key
 from app.session import cleanup_session, friendly, run_dir, session_root
+from app.uploads import NOT_AN_UPLOAD, trust_folder, upload_path
 from atoken.media import read_image
 from atoken.pipeline import decode_file
 from atoken.visualize import code_usage
@@ -44,7 +49,8 @@ class Req:
 
 
 @pytest.fixture(scope="module")
-def manager():
+def manager(tmp_path_factory):
+    trust_folder(tmp_path_factory.getbasetemp())  # the tests' own files stand in for uploads
     previous = (h.M, h.LIMITS)
     m = ModelManager("random-tiny")
     h.configure(m, small_limits())
@@ -62,18 +68,22 @@ def _message(results: list) -> str:
 
 @pytest.fixture(scope="module")
 def image_result(manager):
-    return h.reconstruct_image_handler(ASTRONAUT, 128, h.CONTINUOUS, "mean", 0, 1.0, Req("img"))
+    return h.reconstruct_image_handler(
+        ASTRONAUT, 128, h.CONTINUOUS, "mean", 0, 1.0, request=Req("img")
+    )
 
 
 @pytest.fixture(scope="module")
 def discrete_result(manager):
-    return h.reconstruct_image_handler(ASTRONAUT, 96, h.DISCRETE, "mean", 0, 1.0, Req("img"))
+    return h.reconstruct_image_handler(
+        ASTRONAUT, 96, h.DISCRETE, "mean", 0, 1.0, request=Req("img")
+    )
 
 
 def test_status_says_loudly_that_the_model_is_untrained(manager):
     text = h.status()
     assert "UNTRAINED" in text and "random-tiny" in text and "random weights" in text
-    assert manager.is_random
+    assert manager.is_random()
 
 
 def test_preview_shows_the_cropped_model_input(manager):
@@ -107,9 +117,15 @@ def test_reconstruct_image_outputs(manager, image_result):
 
 def test_sampled_latent_depends_on_the_seed(manager, image_result):
     rec = image_result[0][1]
-    s1 = h.reconstruct_image_handler(ASTRONAUT, 128, h.CONTINUOUS, "sample", 1, 1.0, Req("s"))
-    s1b = h.reconstruct_image_handler(ASTRONAUT, 128, h.CONTINUOUS, "sample", 1, 1.0, Req("s"))
-    s2 = h.reconstruct_image_handler(ASTRONAUT, 128, h.CONTINUOUS, "sample", 2, 1.0, Req("s"))
+    s1 = h.reconstruct_image_handler(
+        ASTRONAUT, 128, h.CONTINUOUS, "sample", 1, 1.0, request=Req("s")
+    )
+    s1b = h.reconstruct_image_handler(
+        ASTRONAUT, 128, h.CONTINUOUS, "sample", 1, 1.0, request=Req("s")
+    )
+    s2 = h.reconstruct_image_handler(
+        ASTRONAUT, 128, h.CONTINUOUS, "sample", 2, 1.0, request=Req("s")
+    )
     np.testing.assert_array_equal(s1[0][1], s1b[0][1])
     assert not np.array_equal(s1[0][1], s2[0][1]) and not np.array_equal(s1[0][1], rec)
     assert s1[2]["mode"] == "sample"
@@ -166,11 +182,13 @@ def test_bad_images_get_readable_messages_and_the_next_request_works(manager, tm
     message = _message(checks)
     assert any(w in message for w in ("not an image", "truncated", "too large")), message
     with pytest.raises(gr.Error) as err:
-        h.reconstruct_image_handler(bad, 128, h.CONTINUOUS, "mean", 0, 1.0, Req("bad"))
+        h.reconstruct_image_handler(bad, 128, h.CONTINUOUS, "mean", 0, 1.0, request=Req("bad"))
     assert "Traceback" not in err.value.message and len(err.value.message) < 400
     with pytest.raises(gr.Error, match="not an image|truncated|too large"):
         h.preview_image(bad, 128)
-    good = h.reconstruct_image_handler(CHELSEA, 64, h.CONTINUOUS, "mean", 0, 1.0, Req("bad"))
+    good = h.reconstruct_image_handler(
+        CHELSEA, 64, h.CONTINUOUS, "mean", 0, 1.0, request=Req("bad")
+    )
     assert good[2]["tokens"] > 0
 
 
@@ -200,7 +218,7 @@ def test_friendly_errors_never_show_tracebacks():
 
 def test_video_outputs_and_state(manager):
     side, psnr, pca, metrics, files, state = h.reconstruct_video_handler(
-        VIDEO, 2, 96, 12, h.CONTINUOUS, Req("vid")
+        VIDEO, 2, 96, 12, h.CONTINUOUS, request=Req("vid")
     )
     assert metrics["frames"] == 12 and metrics["fps"] == 6.0
     assert len(psnr.data[0].y) == 12 and all(0 < v < 60 for v in psnr.data[0].y)
@@ -229,14 +247,15 @@ def test_bad_videos_are_refused_before_the_model_runs(manager, tmp_path):
     assert all(_valid(many))  # 32 frames <= 64
     h.LIMITS.video.max_frames = 16
     try:
-        msg = _message(h.validate_video(VIDEO, 1, 128, 0, h.CONTINUOUS))
-        assert "32 frames after stride 1; the limit is 16" in msg
+        # frames are counted in the container inside the queue, not in the validator
+        with pytest.raises(gr.Error, match="32 frames after stride 1; the limit is 16"):
+            h.reconstruct_video_handler(VIDEO, 1, 128, 0, h.CONTINUOUS, request=Req("vid"))
         assert all(_valid(h.validate_video(VIDEO, 2, 128, 0, h.CONTINUOUS)))
     finally:
         h.LIMITS.video.max_frames = 64
     with pytest.raises(gr.Error, match="no_frames.mp4"):
-        h.reconstruct_video_handler(empty, 1, 128, 0, h.CONTINUOUS, Req("vid"))
-    ok = h.reconstruct_video_handler(VIDEO, 4, 64, 4, h.CONTINUOUS, Req("vid"))
+        h.reconstruct_video_handler(empty, 1, 128, 0, h.CONTINUOUS, request=Req("vid"))
+    ok = h.reconstruct_video_handler(VIDEO, 4, 64, 4, h.CONTINUOUS, request=Req("vid"))
     assert ok[3]["frames"] == 4
 
 
@@ -245,8 +264,8 @@ def test_mesh_validation_and_preview(manager, tmp_path):
     checks = h.validate_mesh(bad, 16, 256)
     assert _valid(checks) == [False, True, True] and "broken.glb" in _message(checks)
     with pytest.raises(gr.Error, match="broken.glb"):
-        h.preview_mesh(bad, Req("mesh"))
-    glb = h.preview_mesh(str(MESHES / "duck.glb"), Req("mesh"))
+        h.preview_mesh(bad, request=Req("mesh"))
+    glb = h.preview_mesh(str(MESHES / "duck.glb"), request=Req("mesh"))
     assert glb.endswith("input.glb")
     import trimesh
 
@@ -256,7 +275,7 @@ def test_mesh_validation_and_preview(manager, tmp_path):
 
 def test_reconstruct_3d_outputs_and_classification(manager, tmp_path):
     glb, ply, turntable, metrics, files, state = h.reconstruct_3d_handler(
-        str(thin_rod(tmp_path)), 8, 128, 2, Req("3d")
+        str(thin_rod(tmp_path)), 8, 128, 2, request=Req("3d")
     )
     from atoken.gaussians import Gaussians
     from atoken.media import probe_video
@@ -269,7 +288,7 @@ def test_reconstruct_3d_outputs_and_classification(manager, tmp_path):
     assert state["kind"] == "3d" and state["pooled"].shape == (1, 384)
     _, probs = h.classify_handler(h.FROM_3D, None, "rod, duck", "sigmoid", None, None, state)
     assert set(probs) == {"rod", "duck"}
-    no_turntable = h.reconstruct_3d_handler(str(thin_rod(tmp_path)), 4, 128, 0, Req("3d"))
+    no_turntable = h.reconstruct_3d_handler(str(thin_rod(tmp_path)), 4, 128, 0, request=Req("3d"))
     assert no_turntable[2] is None
 
 
@@ -290,7 +309,10 @@ def test_classify_from_each_source(manager, image_result, tmp_path):
         h.classify_handler(h.FROM_VIDEO, None, labels, "sigmoid", None, None, None)
     with pytest.raises(gr.Error, match="no labels"):
         h.classify_handler(h.FROM_IMAGE, None, " , ", "sigmoid", image_result[4], None, None)
-    with pytest.raises(gr.Error, match="at most 200"):
+    with pytest.raises(gr.Error, match="the limit is 64"):
+        many = ", ".join(f"l{i}" for i in range(65))
+        h.classify_handler(h.FROM_IMAGE, None, many, "sigmoid", image_result[4], None, None)
+    with pytest.raises(gr.Error, match="the limit is 2000"):
         many = ", ".join(f"label {i}" for i in range(500))
         h.classify_handler(h.FROM_IMAGE, None, many, "sigmoid", image_result[4], None, None)
     bad = str(text_as_png(tmp_path))
@@ -301,7 +323,7 @@ def test_classify_from_each_source(manager, image_result, tmp_path):
 
 def test_interpolation_from_the_image_state(manager, image_result):
     state = image_result[4]
-    video, gallery = h.interpolate_handler(CHELSEA, 5, "slerp", state, Req("gen"))
+    video, gallery = h.interpolate_handler(CHELSEA, 5, "slerp", state, request=Req("gen"))
     assert video.endswith(".mp4") and len(gallery) == 5
     assert all(f.shape == state["original"].shape for f, _ in gallery)
     np.testing.assert_array_equal(gallery[0][0], state["reconstruction"])
@@ -310,9 +332,9 @@ def test_interpolation_from_the_image_state(manager, image_result):
 
     assert probe_video(video).num_frames == 10  # A -> B -> A
     with pytest.raises(gr.Error, match="run the reconstruction in the image tab first"):
-        h.interpolate_handler(CHELSEA, 5, "slerp", None, Req("gen"))
+        h.interpolate_handler(CHELSEA, 5, "slerp", None, request=Req("gen"))
     with pytest.raises(gr.Error, match="second image"):
-        h.interpolate_handler(None, 5, "slerp", state, Req("gen"))
+        h.interpolate_handler(None, 5, "slerp", state, request=Req("gen"))
 
 
 def test_variations_write_the_seed_back(manager, image_result):
@@ -344,44 +366,78 @@ def test_token_editing(manager, image_result, discrete_result):
         h.edit_handler(editor, h.RANDOM_CODES, None, 0, image_result[4])
 
 
-def test_model_panel_switches_models_and_refuses_stale_state(manager, image_result):
+def test_model_choice_is_per_session_and_refuses_stale_state(manager, image_result):
     info, button = h.model_info("so-c")
-    assert "Licence" in info and button["interactive"] is True  # not in the cache here
+    assert "Licence" in info and button["interactive"] is False  # downloads are off by default
     assert h.model_info("random-tiny-d")[1]["interactive"] is False
     keys = [k for _, k in h.model_choices()]
     assert {"atoken-tiny", "so-c", "random-tiny", "random-tiny-d"} <= set(keys)
-    with pytest.raises(gr.Error, match="not in the cache"):
-        h.load_model("so-c", "", "", "cpu", "float32")
-    try:
-        text, dropdown = h.load_model("random-tiny-d", "", "", "cpu", "float32")
-        assert "random-tiny-d" in text and dropdown["value"] == "random-tiny-d"
-        assert manager.model.is_discrete
-        with pytest.raises(gr.Error, match="model changed"):
-            h.variations_handler(1, 1.0, 0, False, image_result[4])
-    finally:
-        h.load_model("random-tiny", "", "", "cpu", "float32")
+    with pytest.raises(gr.Error, match="not in this server's cache"):
+        h.load_model("so-c", "random-tiny")
+    with pytest.raises(gr.Error, match="unknown model"):
+        h.load_model("/etc/passwd", "random-tiny")
+    text, dropdown, key = h.load_model("random-tiny-d", "random-tiny")
+    assert "random-tiny-d" in text and dropdown["value"] == key == "random-tiny-d"
+    # the session's key changed; the server's start model and other sessions did not
+    assert manager.key == "random-tiny" and not manager.model.is_discrete
+    assert "random-tiny-d" in h.status(key) and "`random-tiny`" in h.status()
+    with pytest.raises(gr.Error, match="model changed"):
+        h.variations_handler(1, 1.0, 0, False, image_result[4], key)
+    gallery, _ = h.variations_handler(1, 1.0, 0, False, image_result[4], "random-tiny")
+    assert len(gallery) == 1
+    res = h.reconstruct_image_handler(
+        ASTRONAUT, 64, h.CONTINUOUS, "mean", 0, 1.0, key, request=Req("d")
+    )
+    assert res[2]["model"] == "random-tiny"  # an FSQ session's continuous tokens: its sibling
+    assert res[4]["tag"] == manager.tag(False, key) != image_result[4]["tag"]
 
 
-def test_custom_checkpoint_path(manager, tmp_path):
+def test_operator_policy_limits_the_choices(tmp_path):
     from atoken.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
-    ckpt = save_checkpoint(
-        models.build("random-tiny", "cpu", torch.float32), tmp_path / "m.safetensors"
-    )
-    try:
-        with pytest.raises(gr.Error, match="no config"):
-            h.load_model("random-tiny", str(ckpt), "", "cpu", "float32")
-        bad_ckpt = save_checkpoint(
-            models.build("random-tiny-d", "cpu", torch.float32), tmp_path / "d.safetensors"
-        )
-        with pytest.raises(gr.Error, match="does not match"):
-            h.load_model("random-tiny", str(bad_ckpt), "tiny-c", "cpu", "float32")
-    finally:
-        h.load_model("random-tiny", "", "", "cpu", "float32")
+    meta = {"atoken_config": json.dumps(models.RANDOM_C.to_dict())}
+    model = models.build("random-tiny", "cpu", torch.float32)
+    save_checkpoint(model, tmp_path / "m.safetensors", meta)
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    policy = models.Policy(models=("random-tiny",), weights_dir=tmp_path, max_models=2)
+    m = ModelManager("random-tiny", policy=policy)
+    keys = [e.key for e in m.entries()]
+    assert keys == ["random-tiny"]  # the list filters the weights folder too
+    policy = models.Policy(weights_dir=tmp_path, max_models=2)
+    m = ModelManager("random-tiny", policy=policy)
+    keys = [e.key for e in m.entries()]
+    assert "file:m.safetensors" in keys and "file:notes.txt" not in keys
+    with pytest.raises(ValueError, match="unknown model"):
+        m.check("file:../m.safetensors")
+    with pytest.raises(ValueError, match="unknown model"):
+        m.check(str(tmp_path / "m.safetensors"))
+    assert "file:m.safetensors" in m.load("file:m.safetensors")
+    m.model_for(True)  # random-tiny-d: the cache holds at most two models
+    assert len(m.cache.names()) == 2 and "file:m.safetensors" not in m.cache
 
 
-def test_download_button_fetches_into_the_cache(manager, tmp_path, monkeypatch):
+def test_model_cache_is_bounded_by_bytes_and_never_loads_twice():
+    cache = models.ModelCache(max_models=3, max_bytes=3000)
+    built = []
+
+    def make(n):
+        built.append(n)
+        return torch.nn.Linear(n, 1, bias=False)  # n float32 weights = 4n bytes
+
+    a = cache.get("a", lambda: make(300), 1200)
+    assert cache.get("a", lambda: make(300), 1200) is a and built == [300]
+    cache.get("b", lambda: make(300), 1200)
+    cache.get("c", lambda: make(100), 400)  # 2800 bytes: all three fit
+    assert cache.names() == ["a", "b", "c"] and cache.used_bytes == 2800
+    cache.get("a", lambda: make(300), 1200)  # a is now the most recently used
+    cache.get("d", lambda: make(300), 1200)  # b (least recently used) makes room
+    assert cache.names() == ["c", "a", "d"]
+    with pytest.raises(models.ServerBusy, match="keeps at most"):
+        cache.get("huge", lambda: make(10_000), 40_000)
+
+
+def test_download_button_fetches_into_the_cache(tmp_path, monkeypatch):
     payload = b"x" * 300_000
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -394,18 +450,29 @@ def test_download_button_fetches_into_the_cache(manager, tmp_path, monkeypatch):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("ATOKEN_BASE_URL", f"http://127.0.0.1:{server.server_port}/")
-    monkeypatch.setenv("ATOKEN_HOME", str(tmp_path))
-    seen = []
+    previous = (h.M, h.LIMITS)
+    h.configure(ModelManager("random-tiny"), small_limits())
     try:
-        message = h.download_model("so-d", progress=lambda *a, **k: seen.append(a))
+        with pytest.raises(gr.Error, match="Downloads are turned off"):
+            h.download_model("so-d")
+        policy = models.Policy(allow_downloads=True)
+        h.configure(ModelManager("random-tiny", policy=policy), small_limits())
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        monkeypatch.setenv("ATOKEN_BASE_URL", f"http://127.0.0.1:{server.server_port}/")
+        monkeypatch.setenv("ATOKEN_HOME", str(tmp_path))
+        assert h.model_info("so-d")[1]["interactive"] is True
+        seen = []
+        try:
+            message = h.download_model("so-d", progress=lambda *a, **k: seen.append(a))
+        finally:
+            server.shutdown()
+        assert (tmp_path / "atoken-sod.pt").read_bytes() == payload and "Downloaded" in message
+        assert str(tmp_path) not in message  # no server path is shown to visitors
+        assert seen and seen[-1][0] == pytest.approx(1.0)
+        assert h.model_info("so-d")[1]["interactive"] is False  # cached now
     finally:
-        server.shutdown()
-    assert (tmp_path / "atoken-sod.pt").read_bytes() == payload and "Downloaded" in message
-    assert seen and seen[-1][0] == pytest.approx(1.0)
-    assert h.model_info("so-d")[1]["interactive"] is False  # cached now
+        h.M, h.LIMITS = previous
 
 
 def test_warm_up_falls_back_to_sdpa_when_compiling_fails(monkeypatch):
@@ -437,13 +504,17 @@ def test_example_assets_have_clear_sizes():
 def test_raw_uploads_become_paths(manager, tmp_path):
     import base64
 
-    assert h.upload_path(None) is None and h.upload_path(ASTRONAUT) == ASTRONAUT
-    assert h.upload_path({"path": ASTRONAUT, "orig_name": "a.png"}) == ASTRONAUT
+    limit = {"max_bytes": 2**20}
+    assert upload_path(None, **limit) is None and upload_path(ASTRONAUT, **limit) == ASTRONAUT
+    assert upload_path({"path": ASTRONAUT, "orig_name": "a.png"}, **limit) == ASTRONAUT
     data = base64.b64encode((EXAMPLES / "coffee.png").read_bytes()).decode()
-    pasted = h.upload_path({"path": None, "url": f"data:image/png;base64,{data}"})
+    pasted = upload_path({"path": None, "url": f"data:image/png;base64,{data}"}, Req("p"), **limit)
     np.testing.assert_array_equal(read_image(pasted), read_image(EXAMPLES / "coffee.png"))
-    with pytest.raises(ValueError, match="could not read the upload"):
-        h.upload_path({"path": None, "url": None})
+    assert pasted.startswith(str(session_root(Req("p"))))  # in the visitor's session folder
+    with pytest.raises(ValueError, match="empty or incomplete"):
+        upload_path({"path": None, "url": None}, **limit)
+    with pytest.raises(ValueError, match="the limit is 0 MB"):
+        upload_path({"url": f"data:image/png;base64,{data}"}, max_bytes=1000)
     # a raw FileData dict goes through the validator and the handler like a path
     raw = {"path": str(text_as_png(tmp_path)), "orig_name": "notes.png"}
     assert _valid(h.validate_image(raw, 64))[0] is False
@@ -454,6 +525,28 @@ def test_raw_uploads_become_paths(manager, tmp_path):
         > 0
     )
     assert _valid(h.validate_second_image(None, 4, "slerp", None))[0] is False
+
+
+def test_only_uploads_are_read(manager, tmp_path_factory):
+    outside = Path(tempfile.mkdtemp(prefix="not-an-upload-"))  # outside every trusted folder
+    try:
+        secret = outside / "secret.png"
+        secret.write_bytes((EXAMPLES / "coffee.png").read_bytes())
+        (outside / "folder.png").mkdir()
+        link = tmp_path_factory.mktemp("links") / "link.png"
+        link.symlink_to(secret)  # inside a trusted folder, pointing out of it
+        paths = [secret, outside / "missing.png", outside / "folder.png", link, "/etc/passwd"]
+        for value in [*paths, *({"path": str(p)} for p in paths), {"video": {"path": str(secret)}}]:
+            with pytest.raises(ValueError) as err:
+                upload_path(value, max_bytes=2**20)
+            assert str(err.value) == NOT_AN_UPLOAD  # one message: nothing about the server
+            checks = h.validate_image(value, 64)
+            assert _message(checks) == NOT_AN_UPLOAD
+            with pytest.raises(gr.Error) as err:
+                h.reconstruct_image_handler(value, 64, h.CONTINUOUS, "mean", 0, 1.0)
+            assert err.value.message == NOT_AN_UPLOAD
+    finally:
+        shutil.rmtree(outside)
 
 
 def test_bundled_checkpoint_becomes_the_default_when_present(tmp_path, monkeypatch):
@@ -475,7 +568,7 @@ def test_bundled_checkpoint_becomes_the_default_when_present(tmp_path, monkeypat
     monkeypatch.setattr(atoken.hub, "ASSETS", tmp_path)
     assert models.default_key() == "atoken-tiny"
     m = ModelManager()
-    assert m.key == "atoken-tiny" and not m.is_random
+    assert m.key == "atoken-tiny" and not m.is_random()
     assert "UNTRAINED" not in m.status() and "`atoken-tiny`" in m.status()
     entry = next(e for e in models.entries() if e.key == "atoken-tiny")
     assert entry.available and entry.note.endswith("atoken-tiny.safetensors")
