@@ -569,7 +569,7 @@ def _check_mesh_counts(path: str) -> None:
         return  # counted after the (bounded) extraction, inside the queue
     try:
         counts = count_mesh_elements(path)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise MeshError(f"{Path(path).name}: {e}") from e
     b = LIMITS.budget
     if counts.faces > b.max_faces:

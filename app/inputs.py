@@ -23,17 +23,21 @@ def choice(value, options: Sequence[str], what: str) -> str:
     return value
 
 
+def _show(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:.4g}"
+
+
 def number(value, lo: float, hi: float, what: str) -> float:
     """A finite number in ``[lo, hi]`` (int or float; not bool, not text)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InputError(f"{what} must be a number from {lo:g} to {hi:g}")
+        raise InputError(f"{what} must be a number from {_show(lo)} to {_show(hi)}")
     try:
         x = float(value)
     except OverflowError:
         x = math.inf
     if not math.isfinite(x) or not lo <= x <= hi:
-        shown = f"{value:.4g}" if isinstance(value, float) else str(value)[:30]
-        raise InputError(f"{what} must be from {lo:g} to {hi:g}; got {shown}")
+        shown = _show(x) if math.isfinite(x) else str(value)[:30]
+        raise InputError(f"{what} must be from {_show(lo)} to {_show(hi)}; got {shown}")
     return x
 
 

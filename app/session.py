@@ -184,5 +184,8 @@ def friendly(fn: Callable) -> Callable:
 
 def _clean(message: str) -> str:
     """Drop temporary upload folders from paths in a message; keep the file name."""
-    message = message.strip().strip("'\"") or "the input could not be processed"
+    message = message.strip()
+    if len(message) >= 2 and message[0] == message[-1] and message[0] in "'\"":
+        message = message[1:-1]  # KeyError-style quoting
+    message = message or "the input could not be processed"
     return re.sub(r"(/[^\s'\"]*)?/gradio/[0-9a-f]{16,}/", "", message)

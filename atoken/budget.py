@@ -32,7 +32,7 @@ class Budget:
     max_frames: int = 256  # video frames given to the model
     max_read_frames: int = 2048  # video frames decoded from the file (before the stride)
     max_faces: int = 1_000_000  # mesh triangles (counted before parsing)
-    max_vertices: int = 1_000_000
+    max_vertices: int = 3_000_000  # 3 per face: an STL has no shared vertices
 
     def __post_init__(self):
         for name, value in vars(self).items():

@@ -189,6 +189,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
+    from atoken.budget import Budget
     from atoken.pipeline import encode_file
 
     apply_budget(args)
@@ -204,6 +205,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
             max_frames=args.max_frames,
             mode=args.mode,
             seed=args.seed,
+            max_read=None if args.no_budget else Budget.for_device(args.device).max_read_frames,
             progress=bar,
         )
     finally:

@@ -33,7 +33,7 @@ from atoken.mesh_count import count_mesh_elements
 MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
 SUFFIXES = (*MESH_SUFFIXES, ".zip")
 MAX_FACES = 2_000_000
-MAX_VERTICES = 2_000_000  # as stored in the file (an STL stores 3 per face)
+MAX_VERTICES = 3 * MAX_FACES  # an STL or unindexed glTF has 3 vertices per face
 MAX_FILE_BYTES = 256 * 2**20  # size of the uploaded file
 MAX_ZIP_BYTES = 512 * 2**20  # total uncompressed size of a zip's members
 MAX_ZIP_MEMBERS = 256

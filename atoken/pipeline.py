@@ -331,9 +331,12 @@ def encode_file(
     max_frames: int | None = None,
     mode: str = "auto",
     seed: int | None = None,
+    max_read: int | None = None,
     progress: Progress | None = None,
 ) -> Path:
     """Encode an image or a video file into a ``.safetensors`` token file.
+
+    ``max_read`` stops (with an error) once that many video frames were decoded.
 
     Tensors: ``latent [N, L]`` (mean, sample or FSQ codes), ``coords [N, 5]`` int32, ``pooled
     [1, C]``, and for FSQ ``indices [N, groups]`` int32. Metadata: format, kind, model, frame
@@ -356,7 +359,9 @@ def encode_file(
         total = math.ceil(info.num_frames / stride)
         lat, coords, idx, state, t0, done = [], [], [], None, 0, 0
         used, hw = mode, (0, 0)
-        frames = iter_video_frames(source, stride=stride, max_side=max_side, max_frames=max_frames)
+        frames = iter_video_frames(
+            source, stride=stride, max_side=max_side, max_frames=max_frames, max_read=max_read
+        )
         for clip in chunk_frames(frames, model.config.frames_batch_size):
             clip = crop_to_grid(clip)
             x = tokenize([to_model_range(clip)])

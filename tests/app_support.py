@@ -27,11 +27,22 @@ _APP: dict = {}
 
 
 def small_limits():
-    """Tight limits so the limit checks can be exercised cheaply."""
+    """Tight limits and a small work budget so the limit checks can be exercised cheaply."""
     from app.handlers import Limits
+    from atoken.budget import Budget
     from atoken.pipeline import VideoLimits
 
-    return Limits(video=VideoLimits(max_frames=64, max_side=640, max_duration=20.0))
+    budget = Budget(
+        max_tokens=1024,
+        max_pixels=40_000_000,
+        max_video_tokens=4096,
+        max_frames=64,
+        max_read_frames=512,
+        max_faces=200_000,
+        max_vertices=600_000,
+    )
+    video = VideoLimits(max_frames=64, max_side=640, max_duration=20.0, max_read_frames=512)
+    return Limits(image_bytes=4 * 2**20, video=video, budget=budget)
 
 
 def app_server() -> dict:
