@@ -85,3 +85,34 @@ def test_eval_folder(tmp_path, capsys):
     assert report["items"] == 2 and "per_item" not in report
     assert 0 < report["psnr"] < 60 and report["pca_psnr"] > report["psnr"]  # untrained model
     assert report["rfid"] >= 0
+
+
+def test_the_default_work_budget_applies_and_can_be_lifted(tmp_path, capsys):
+    zeros = tmp_path / "zeros.png"
+    Image.new("L", (5000, 3000)).save(zeros, optimize=True)  # 15 MP, 58k tokens kept whole
+    out = tmp_path / "out.png"
+    assert main(["reconstruct", str(zeros), str(out), *TINY_C]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["tokens"] <= 4096 and "over the limit of 4096" in captured.err
+    h, w = read_image(out).shape[:2]
+    assert (h // 16) * (w // 16) == report["tokens"] and w > 1024  # the aspect ratio is kept
+    # an explicit size over the budget is refused in one line naming the limit and the flag
+    assert main(["reconstruct", str(zeros), str(out), "--max-side", "2048", *TINY_C]) == 2
+    err = capsys.readouterr().err
+    assert "the limit is 4096 tokens" in err and "--no-budget" in err
+    # a video whose header lies about its frame rate is counted, not estimated
+    import imageio_ffmpeg
+
+    clip = tmp_path / "fast.mp4"
+    writer = imageio_ffmpeg.write_frames(str(clip), (32, 32), fps=1000, macro_block_size=1)
+    writer.send(None)
+    for i in range(3000):
+        writer.send(np.full((32, 32, 3), i % 251, np.uint8))
+    writer.close()
+    assert main(["encode", str(clip), str(tmp_path / "t.safetensors"), *TINY_C]) == 2
+    err = capsys.readouterr().err
+    assert "3000" in err and "the limit is" in err
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (1100, 40)).save(tiny)  # 2 x 68 tokens: within the budget either way
+    assert main(["reconstruct", str(tiny), str(out), "--no-budget", *TINY_C]) == 0
