@@ -420,10 +420,10 @@ class ModelManager:
         line = f"**Running:** `{key}` ({kind}, {params:.1f} M parameters) on {where}"
         if self.is_random(key):
             return (
-                f"### ⚠️ UNTRAINED MODEL: `{key}` has random weights\\n"
+                f"### ⚠️ UNTRAINED MODEL: `{key}` has random weights\n"
                 "Reconstructions, latents and labels below are noise: they show how the app "
                 "works, not what AToken does. Pick the bundled `atoken-tiny` (or official "
-                "weights) in the model panel.\\n\\n" + line
+                "weights) in the model panel.\n\n" + line
             )
         return line
 
