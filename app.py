@@ -166,7 +166,11 @@ def main(argv: list[str] | None = None) -> None:
         config=args.config,
         policy=policy_from_args(args),
     )
-    print(f"model {manager.key} ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    loaded = ", ".join(manager.preload())
+    print(
+        f"model {manager.key} ready in {time.perf_counter() - t0:.1f} s ({loaded})",
+        file=sys.stderr,
+    )
     if args.compile:
 
         def report(done: int, total: int, msg: str) -> None:

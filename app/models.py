@@ -347,6 +347,25 @@ class ModelManager:
             key, lambda: build(key, self.device, dtype, path, config), self._estimate(key)
         )
 
+    def preload(self) -> list[str]:
+        """Load what the start model's tabs use (its sibling, Gaussian decoder, text tower), so
+        the first visitors wait less and memory reaches its working size at start."""
+        from atoken.zeroshot import resolve_text_tower
+
+        loaded = []
+        for discrete in (False, True):
+            try:
+                loaded.append(self.model_for(discrete)[2])
+            except ValueError:  # no sibling of that kind
+                continue
+        loaded.append(self.gaussian_decoder()[1])
+        try:
+            resolve_text_tower(self.model)
+            loaded.append(f"text tower {self.model.config.text_tower}")
+        except (ValueError, ImportError, OSError):  # no tower here: zero-shot says so later
+            pass
+        return loaded
+
     def load(self, key: str) -> str:
         """Check and load a visitor's choice (their session only); returns its status line."""
         self.get(self.check(key))

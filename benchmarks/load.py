@@ -9,8 +9,8 @@ events a browser fires, zero-shot classification, interpolation, variations, a s
 now and then a small mesh) until the time is up, then closes its session, which makes the
 app's ``demo.unload`` delete the session's output folder. One JSON object is printed at the
 end: request counts, failures, latencies, the server's memory (RSS of the process and its
-children: start after a warm-up request, peak sampled every 0.5 s, end after the sessions
-closed) and the size of the app's output folder and of Gradio's file cache (before, peak,
+children: before and after a warm-up that makes every call once, peak sampled every 0.5 s,
+end after the sessions closed) and the size of the app's output folder and of Gradio's file cache (before, peak,
 after).
 
 With ``--start`` (the default without ``--url``) the server gets a fresh ``TMPDIR`` and
@@ -354,15 +354,13 @@ def size_report(size: tuple[int, int] | list[int]) -> dict:
 
 
 def warm_up(url: str, work: Path, stats: Stats, timeout: float) -> str | None:
-    """One image reconstruction in a session of its own (closed afterwards)."""
-    from gradio_client import handle_file
-
+    """Every call of the mix once, in a session of its own (closed afterwards): the first use
+    of each tab loads what stays loaded (renderer contexts, lazily imported modules)."""
     client = new_client(url, work / "warm-up")
     try:
-        job = client.submit(
-            handle_file(IMAGES[0]), 128, CONTINUOUS, "mean", 0, 1.0, api_name="/reconstruct_image"
-        )
-        timed(stats, "warm_up", lambda: job, timeout)
+        calls = actions(client, random.Random(-1))
+        for name in ["reconstruct_image", *(n for n in calls if n != "reconstruct_image")]:
+            timed(stats, "warm_up", calls[name], timeout)
     finally:
         client.close()
     return client.session_hash
@@ -406,6 +404,7 @@ def run(args: argparse.Namespace) -> dict:
         before = {name: folder_size(p) for name, p in folders.items()}
         cfg = config(url)
         chain = {e: fn_index(url, e, cfg) for e in CHAIN} if args.chain else {}
+        rss_cold = process_tree_rss(pid) if pid else None
         sessions: list[str] = [warm_up(url, work / "clients", stats, args.request_timeout)]
         rss_start = process_tree_rss(pid) if pid else None
         sampler = Sampler(pid, folders)
@@ -455,6 +454,7 @@ def run(args: argparse.Namespace) -> dict:
             for name, xs in sorted(stats.latencies.items())
         },
         "rss_mb": {
+            "before_warm_up": _mb(rss_cold),
             "start": _mb(rss_start),
             "peak": _mb(sampler.peak_rss) if pid else None,
             "end": _mb(rss_end),
