@@ -6,6 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from app import cache_writes
 from app import handlers as h
 from app.models import ModelManager
 from app.session import cleanup_session
@@ -341,6 +342,7 @@ def build_demo(
     """The whole app for one model manager (``switchable=False`` hides the model controls)."""
     h.configure(m, limits)
     limits = h.LIMITS
+    cache_writes.install()
     with gr.Blocks(title="AToken demo", delete_cache=(600, 3600), analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
         status, model_st = _model_panel(m, switchable)

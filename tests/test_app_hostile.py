@@ -420,3 +420,40 @@ def test_unload_removes_the_session_folder(url):
     while (session.ROOT / sid).exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not (session.ROOT / sid).exists()
+
+
+def test_a_cached_output_is_never_rewritten_while_it_is_being_served(tmp_path, monkeypatch):
+    """Two visitors getting the same picture share Gradio's cache path: the second write must not
+    truncate the file the first is downloading, and a new file never shows up part-written."""
+    import builtins
+
+    import numpy as np
+    from gradio import processing_utils as pu
+
+    from app import cache_writes
+
+    cache_writes.install()
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    first = pu.save_img_array_to_cache(picture, str(tmp_path), format="png")
+    size = os.path.getsize(first)
+    opened_for_writing = []
+    real_open = io.open
+
+    def spy(file, mode="r", *args, **kwargs):
+        writing = any(c in mode for c in "wax+")
+        if writing and not isinstance(file, int) and os.path.realpath(file) == first:
+            opened_for_writing.append(mode)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", spy)
+    monkeypatch.setattr(builtins, "open", spy)
+    with real_open(first, "rb") as download:  # a download in progress holds the file open
+        head = download.read(1000)
+        again = pu.save_img_array_to_cache(picture, str(tmp_path), format="png")
+        rest = download.read()
+    assert again == first and not opened_for_writing
+    assert len(head) + len(rest) == size == os.path.getsize(first)
+    fresh = pu.save_img_array_to_cache(picture[::-1].copy(), str(tmp_path), format="png")
+    assert fresh != first and os.path.getsize(fresh) > 0
+    assert not [p for p in Path(fresh).parent.iterdir() if p.name.startswith(".")]
