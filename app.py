@@ -11,6 +11,7 @@ expensive part starts, and outputs are swept. The operator opens more with flags
 import spaces  # noqa: F401, I001 - must come before torch touches CUDA (ZeroGPU)
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -156,16 +157,20 @@ def main(argv: list[str] | None = None) -> None:
     from app.models import ModelManager
     from app.uploads import launch_options
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    manager = ModelManager(
-        args.model,
-        device=device,
-        dtype=args.dtype,
-        path=args.weights,
-        config=args.config,
-        policy=policy_from_args(args),
-    )
+    try:
+        manager = ModelManager(
+            args.model,
+            device=device,
+            dtype=args.dtype,
+            path=args.weights,
+            config=args.config,
+            policy=policy_from_args(args),
+        )
+    except (OSError, ValueError) as e:  # a wrong --weights / --config / --model: say which
+        sys.exit(f"error: {e}")
     loaded = ", ".join(manager.preload())
     print(
         f"model {manager.key} ready in {time.perf_counter() - t0:.1f} s ({loaded})",

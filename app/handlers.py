@@ -26,7 +26,7 @@ from PIL import Image
 
 from app import inputs
 from app.models import ModelManager, download_official
-from app.session import friendly, run_dir
+from app.session import error_message, friendly, log, run_dir
 from app.uploads import upload_path
 from atoken.budget import Budget, check_video_budget, image_header_size, plan_image
 from atoken.download import OFFICIAL_WEIGHTS, cached_path
@@ -51,6 +51,7 @@ from atoken.visualize import (
     channel_maps,
     code_usage_figure,
     fit_pca,
+    note_figure,
     pca_image,
     pca_scatter_figure,
     pooled_figure,
@@ -82,7 +83,17 @@ LABEL_PRESETS = {
     "orange stripes, black and white checkerboard",
     "3D objects": "duck, teapot, panda, torus, toy blocks, chair, airplane, ball",
     "motion": "moving left, moving right, zooming in, zooming out, rotating, standing still",
+    "generated world (what atoken-tiny knows)": "red circle, green square, blue triangle, "
+    "yellow star, purple hexagon, orange cross, white heart, black ring",
 }
+SIGMOID_NONE = 0.1  # below this, no label of a sigmoid score fits
+TINY_ZERO_SHOT = (
+    "`{key}` learnt zero-shot only on the project's generated world: 8 flat shapes and 5 solid "
+    "primitives in 8 colours (\"a red striped star\"). It gets the colour of such pictures right "
+    "almost always and the shape about a third of the time; on real photos its labels are "
+    "guesses. Official weights (or the \"generated world\" preset on a world picture) show what "
+    "zero-shot classification can do."
+)
 
 
 @dataclass
@@ -257,11 +268,23 @@ def model_info(key: str) -> tuple[str, dict]:
     return text, gr.update(interactive=can_download)
 
 
-@friendly
 def load_model(key: str, model_key: str | None = None) -> tuple[str, dict, str]:
-    """Switch this visitor's session to another model (other visitors keep theirs)."""
-    _entry(key)
-    status = manager().load(key)
+    """Switch this visitor's session to another model (other visitors keep theirs).
+
+    A failed load never raises: an error would cover the dropdown with Gradio's error badge and
+    block it. The session keeps its model, the dropdown goes back to it, and the status line
+    says what went wrong."""
+    m = manager()
+    offered = {e.key for e in m.entries()}
+    current = model_key if isinstance(model_key, str) and model_key in offered else m.key
+    try:
+        status = m.load(key)  # refuses what the operator does not offer
+    except Exception as e:  # noqa: BLE001 - shown in the status line, the panel stays usable
+        message = error_message(e)
+        log.info("load_model refused %r: %s", str(key)[:60], message)
+        gr.Warning(message)
+        text = f"**Could not load `{str(key)[:60]}`:** {message}\n\n{m.status(current)}"
+        return text, gr.update(value=current), current
     return status, gr.update(value=key), key
 
 
@@ -328,16 +351,24 @@ def _plan_side(image, max_side) -> None:
         _plan(_image(image), side)
 
 
-@friendly
 def preview_image(
     image, max_side: float, request: gr.Request = None
 ) -> tuple[np.ndarray | None, str]:
-    """What the model will see: the upload downscaled and cropped to the 16-px grid."""
-    path = _image(image, request)
-    if path is None:
-        return None, ""
-    plan = _plan(path, _max_side(max_side))
-    img = prepare_image(path, max_side=plan.max_side)
+    """What the model will see: the upload downscaled and cropped to the 16-px grid.
+
+    A file that cannot be previewed is explained under the preview, not raised: the Reconstruct
+    button's check says it once more at the input, and two error toasts for one upload (plus an
+    error badge over the preview) only confuse."""
+    try:
+        path = _image(image, request)
+        if path is None:
+            return None, ""
+        plan = _plan(path, _max_side(max_side))
+        img = prepare_image(path, max_side=plan.max_side)
+    except Exception as e:  # noqa: BLE001 - shown as text under the preview
+        message = error_message(e)
+        log.info("preview_image refused: %s", message)
+        return None, f"**Cannot use this file:** {message}"
     h, w = img.shape[:2]
     text = f"Model input: {w}x{h} px = {h // 16}x{w // 16} = {h * w // 256} tokens"
     return img, text + (f" ({plan.note})" if plan.note else "")
@@ -404,15 +435,20 @@ def latent_view(state: dict | None):
         raise gr.Error("Reconstruct an image first.")
     lat, coords = torch.from_numpy(state["latent"]), torch.from_numpy(state["coords"])
     basis = fit_pca(lat)
-    usage = None
     if state["indices"] is not None:
         usage = code_usage_figure(torch.from_numpy(state["indices"]), state["codebook_size"])
+    else:  # the plot stays on screen: a layout that changes leaves plotly drawn at the old width
+        usage = note_figure(
+            "Continuous (KL) tokens use no codebook.<br>Reconstruct with discrete (FSQ) tokens "
+            "to see how many codes each group uses.",
+            "FSQ code usage",
+        )
     ex = ", ".join(f"{float(e):.0%}" for e in basis.explained)
     return (
         pca_image(lat, coords, basis)[0],
         channel_maps(lat, coords, upscale=4),
         value_histogram_figure(lat),
-        gr.update(value=usage, visible=usage is not None),
+        usage,
         pooled_figure(torch.from_numpy(state["pooled"])),
         pca_scatter_figure(lat, basis),
         f"PCA components explain {ex} of the latent variance.",
@@ -761,16 +797,47 @@ def classify_handler(
         if path is None:
             raise gr.Error("Upload an image, a video or a mesh to classify.")
         probs = _classify_upload(path, names, kind, model_key)
+        model_key = _session_key(model_key)
     else:
         state = {FROM_IMAGE: image_st, FROM_VIDEO: video_st, FROM_3D: asset_st}[source]
         model = _model_of(state, model_key, f"reconstruction in the {source}")
         tower = resolve_text_tower(model)
         scale, bias = model_logit_params(model)
-        modality = {"image": "image", "video": "video", "3d": "3d"}[state["kind"]]
         probs = classify_features(
-            torch.from_numpy(state["pooled"]), names, tower, scale, bias, modality, kind=kind
+            torch.from_numpy(state["pooled"]), names, tower, scale, bias, state["kind"], kind=kind
         )
-    return probability_figure(probs), probs
+        model_key = _session_key(model_key)
+    return probability_figure(probs), verdict(probs, kind, model_key), probs
+
+
+def _session_key(model_key: str | None) -> str:
+    return model_key if isinstance(model_key, str) else manager().key
+
+
+def verdict(probs: dict[str, float], kind: str, model_key: str | None = None) -> str:
+    """One honest sentence on the scores: the best label, or that none fits; and what the model
+    running can be expected to know."""
+    best = max(probs, key=probs.get)
+    p = probs[best]
+    if kind == "softmax":
+        text = (
+            f"Most likely of these labels: **{best}** ({p:.0%}). Softmax shares 100% among the "
+            "labels you typed, so it always picks one, even when none fits (sigmoid scores each "
+            "label on its own)."
+        )
+    elif p < SIGMOID_NONE:
+        text = (
+            f"**None of these labels fits**: the best, *{best}*, scores {p:.1%} (sigmoid scores "
+            f"each label on its own; below {SIGMOID_NONE:.0%} the model says no)."
+        )
+    else:
+        text = f"Best match: **{best}** ({p:.0%})."
+    key = _session_key(model_key)
+    if manager().is_random(key):
+        text += f"\n\n`{key}` has random weights: these scores mean nothing."
+    elif key.startswith("atoken-tiny"):
+        text += "\n\n" + TINY_ZERO_SHOT.format(key=key)
+    return text
 
 
 def fill_labels(preset: str) -> str:

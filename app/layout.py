@@ -140,7 +140,7 @@ def _image_tab(max_side_limit: int) -> dict:
         hist = gr.Plot(label="Value histograms", elem_id="latent-hist")
         scatter = gr.Plot(label="Tokens in PCA space", elem_id="latent-scatter")
     with gr.Row():
-        usage = gr.Plot(label="FSQ code usage", visible=False, elem_id="latent-usage")
+        usage = gr.Plot(label="FSQ code usage", elem_id="latent-usage")
         pooled = gr.Plot(label="Pooled feature", elem_id="latent-pooled")
     return locals()
 
@@ -236,7 +236,9 @@ def _asset_tab() -> dict:
 def _zeroshot_tab() -> dict:
     gr.Markdown(
         "Score typed labels against the pooled feature of a result from another tab "
-        "or of a new upload (image, video or mesh)."
+        "or of a new upload (image, video or mesh). The bundled `atoken-tiny` knows only the "
+        "generated world's shapes and colours (see the preset): on real photos its labels are "
+        "guesses; official weights classify real photos."
     )
     with gr.Row():
         with gr.Column():
@@ -268,7 +270,9 @@ def _zeroshot_tab() -> dict:
             run = gr.Button("Classify", variant="primary", elem_id="zs-run")
         with gr.Column():
             plot = gr.Plot(label="Probabilities", elem_id="zs-plot")
-            label = gr.Label(label="Top labels", num_top_classes=5, elem_id="zs-label")
+            verdict = gr.Markdown(elem_id="zs-verdict")
+            with gr.Accordion("All probabilities (JSON)", open=False):
+                probs = gr.JSON(label="Probabilities", elem_id="zs-probs")
     return locals()
 
 
@@ -458,7 +462,7 @@ def _wire(demo, status, model_st, im, vi, a3, zs, ge, image_st, video_st, asset_
             asset_st,
             model_st,
         ],
-        [zs["plot"], zs["label"]],
+        [zs["plot"], zs["verdict"], zs["probs"]],
         api_name="classify",
         validator=h.validate_upload,
         **gpu,

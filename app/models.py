@@ -97,17 +97,27 @@ def entries(custom_path: str | None = None, weights_dir: Path | None = None) -> 
                 f"{key} (bundled)",
                 "bundled",
                 path is not None,
-                str(path) if path else f"missing: assets/{BUNDLED[key]}",
+                f"bundled with the app (assets/{BUNDLED[key]})"
+                if path
+                else f"missing: assets/{BUNDLED[key]} is not in this installation",
             )
         )
     for key, info in OFFICIAL_WEIGHTS.items():
         if key == "gs":
             continue
         path = cached_path(key)
-        note = str(path) if path else f"not downloaded; licence: {info.licence}"
+        note = "official weights, in this server's cache" if path else "not downloaded"
         out.append(Entry(key, f"{key} (official)", "official", path is not None, note))
     for key in RANDOM:
-        out.append(Entry(key, f"{key} (untrained, random)", "random", True, "random weights"))
+        out.append(
+            Entry(
+                key,
+                f"{key} (untrained, random)",
+                "random",
+                True,
+                "untrained, random weights: shows how the app works, not what AToken does",
+            )
+        )
     if custom_path:
         out.append(Entry(CUSTOM, f"custom: {Path(custom_path).name}", "path", True, custom_path))
     for key, path in weights_dir_files(weights_dir).items():
@@ -298,6 +308,8 @@ class ModelManager:
         allowed = self.policy.models
         out = []
         for e in entries(self.custom_path, self.policy.weights_dir):
+            if e.source == "official" and not e.available and not self.policy.allow_downloads:
+                continue  # visitors could pick it but never load it
             if allowed is None or e.key in allowed or e.key == getattr(self, "key", None):
                 out.append(e)
         return out

@@ -170,30 +170,46 @@ def start_sweeper(interval: float = 60.0, **kwargs) -> threading.Thread:
     return thread
 
 
+def error_message(e: BaseException) -> str:
+    """What a visitor reads for an exception: its own text when it was written for people,
+    a short generic line otherwise (the details go to the server log)."""
+    if isinstance(e, gr.Error):
+        return str(e.message)
+    if isinstance(e, torch.OutOfMemoryError):
+        return (
+            "The model ran out of memory: lower the max side (or the number of frames) and try "
+            "again."
+        )
+    if isinstance(e, ImportError):
+        return f"This feature is not available in this installation: {e}"
+    if isinstance(e, READABLE):
+        return _clean(str(e))
+    log.error("unexpected error", exc_info=e)
+    return (
+        f"Something unexpected went wrong ({type(e).__name__}: {_clean(str(e))[:300]}). "
+        "The app is still running: check the input and try again."
+    )
+
+
 def friendly(fn: Callable) -> Callable:
-    """Turn every exception of a handler into a ``gr.Error`` with a readable message."""
+    """Turn every exception of a handler into a ``gr.Error`` with a readable message.
+
+    A visitor's mistake is one line in the server log, not a traceback (Gradio prints one for
+    every ``gr.Error`` unless told not to); an unexpected error is logged with its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
+        except gr.Error as e:
+            e.print_exception = False
+            log.info("%s refused: %s", fn.__name__, e.message)
             raise
-        except torch.OutOfMemoryError as e:
-            raise gr.Error(
-                "The model ran out of memory: lower the max side (or the number of frames) and "
-                "try again."
-            ) from e
-        except ImportError as e:
-            raise gr.Error(f"This feature is not available in this installation: {e}") from e
-        except READABLE as e:
-            raise gr.Error(_clean(str(e))) from e
-        except Exception as e:
-            log.exception("unexpected error in %s", fn.__name__)
-            raise gr.Error(
-                f"Something unexpected went wrong ({type(e).__name__}: {_clean(str(e))[:300]}). "
-                "The app is still running: check the input and try again."
-            ) from e
+        except Exception as e:  # noqa: BLE001 - every failure becomes a readable message
+            message = error_message(e)
+            if isinstance(e, READABLE):
+                log.info("%s refused: %s", fn.__name__, message)
+            raise gr.Error(message, print_exception=False) from e
 
     return wrapper
 

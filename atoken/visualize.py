@@ -211,7 +211,7 @@ def pca_scatter_figure(latent: Tensor, basis: PCABasis | None = None, *, max_poi
     proj = ((x - basis.mean) @ basis.components.T).numpy()
     rgb = latent_to_rgb(x, basis)
     colours = [f"rgb({r},{g},{b})" for r, g, b in rgb]
-    ex = [f"PC{i + 1} ({float(e):.0%})" for i, e in enumerate(basis.explained)]
+    ex = [f"PC{i + 1} {float(e):.0%}" for i, e in enumerate(basis.explained)]
     fig = go.Figure(
         go.Scatter3d(
             x=proj[:, 0],
@@ -223,8 +223,31 @@ def pca_scatter_figure(latent: Tensor, basis: PCABasis | None = None, *, max_poi
     )
     fig.update_layout(
         title="tokens in PCA space (colour = PCA RGB)",
-        scene={"xaxis_title": ex[0], "yaxis_title": ex[1], "zaxis_title": ex[2]},
+        # the camera stands back from plotly's default so the axis titles stay inside the box
+        scene={
+            "xaxis_title": ex[0],
+            "yaxis_title": ex[1],
+            "zaxis_title": ex[2],
+            "camera": {"eye": {"x": 1.6, "y": 1.6, "z": 1.1}},
+        },
         margin={"l": 0, "r": 0, "t": 40, "b": 0},
+    )
+    return fig
+
+
+def note_figure(text: str, title: str = ""):
+    """An empty plotly figure that says why there is nothing to plot (keeps the layout still)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    fig.add_annotation(
+        text=text, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font={"size": 14}
+    )
+    fig.update_layout(
+        title=title,
+        xaxis={"visible": False},
+        yaxis={"visible": False},
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
     )
     return fig
 

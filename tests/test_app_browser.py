@@ -223,7 +223,7 @@ def test_zero_shot_tab_from_the_image_tab(page):
         "() => { const p = document.querySelector('#zs-plot .js-plotly-plot');"
         " return p && p.data && p.data[0].y.slice().sort().join() === 'astronaut,cat,rocket'; }"
     )
-    page.wait_for_selector("#zs-label :text('astronaut')")
+    page.wait_for_selector("#zs-verdict :text('Most likely of these labels')")
     total = page.evaluate(
         "() => document.querySelector('#zs-plot .js-plotly-plot').data[0].x.reduce((a, b) => a + b)"
     )
