@@ -514,6 +514,25 @@ def _check_video_header(path: str, max_side) -> None:
         )
 
 
+def preview_video(video, stride, max_frames, request: gr.Request = None) -> str:
+    """What part of the clip the settings cover, from the header (cheap), before the run."""
+    try:
+        path = _video(video, request)
+        if path is None:
+            return ""
+        stride, _, frames = _video_inputs(stride, 0, max_frames)
+        info = probe_video(path, count=False, max_count_seconds=VALIDATOR_COUNT_SECONDS)
+    except Exception as e:  # noqa: BLE001 - said here; the run's check says it again
+        return f"**Cannot use this file:** {error_message(e)}"
+    about = "" if info.counted else "about "
+    text = f"This clip: {about}{info.num_frames} frames at {info.fps:g} fps ({info.duration:.1f} s)."
+    done = math.ceil(info.num_frames / stride)
+    if frames:
+        done = min(done, frames)
+    note = coverage_note(info.num_frames, info.fps, stride, done, ahead=True)
+    return f"{text} {note or 'All of it will be reconstructed.'}"
+
+
 def _video_seconds(video, stride, max_side, max_frames, *args, **kwargs) -> int:
     """ZeroGPU time budget: grows with the number of frames."""
     frames = max_frames if isinstance(max_frames, (int, float)) else 0
@@ -564,6 +583,7 @@ def reconstruct_video_handler(
             limits=LIMITS.video,
             progress=lambda done, total, msg: progress((done, total), desc=msg, unit="frames"),
         )
+    note = coverage_note(info.num_frames, info.fps, stride, res.num_frames)
     metrics = {
         "psnr_mean": res.mean_psnr,
         "frames": res.num_frames,
@@ -572,7 +592,10 @@ def reconstruct_video_handler(
         "tokens": res.num_tokens,
         "mode": mode,
         "model": name,
+        "covers": note or f"the whole clip ({info.num_frames} frames)",
     }
+    if note:
+        gr.Warning(note)
     state = {
         "kind": "video",
         "tag": manager().tag(discrete, model_key),
@@ -589,6 +612,20 @@ def reconstruct_video_handler(
         _finite(metrics),
         files,
         state,
+    )
+
+
+def coverage_note(frames: int, fps: float, stride: int, done: int, *, ahead: bool = False) -> str:
+    """What part of a clip a reconstruction covers (or, ``ahead``, will cover), when it is not
+    all of it (else "")."""
+    used = min(frames, done * stride)
+    if used >= frames:
+        return ""
+    seconds = f"{used / fps:.1f} s of {frames / fps:.1f} s" if fps > 0 else f"of {frames} frames"
+    return (
+        f"Only the first {used} of {frames} frames ({seconds}) "
+        f"{'will be' if ahead else 'were'} reconstructed: raise "
+        "\"max frames\" (or the frame stride) to cover more."
     )
 
 

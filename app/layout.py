@@ -74,6 +74,7 @@ def _image_tab(max_side_limit: int) -> dict:
             image = gr.Image(
                 type="filepath",
                 label="Image (upload, paste or webcam)",
+                height=360,  # keeps its size when a file cannot be shown
                 sources=["upload", "clipboard", "webcam"],
                 elem_id="image-input",
             )
@@ -156,6 +157,7 @@ def _video_tab(limits: h.Limits) -> dict:
                 elem_id="video-input",
             )
             gr.Examples(EXAMPLE_VIDEOS, video, label="Examples")
+            video_info = gr.Markdown(elem_id="video-info")
             gr.Markdown(
                 f"Limits: {lim.max_duration:.0f} s, {lim.max_frames} frames after the stride, "
                 f"{lim.max_side} px per side (set a max side to downscale), "
@@ -430,6 +432,14 @@ def _wire(demo, status, model_st, im, vi, a3, zs, ge, image_st, video_st, asset_
         **gpu,
         **raw,
     )
+    for trigger in (vi["video"].change, vi["stride"].release, vi["max_frames"].release):
+        trigger(
+            h.preview_video,
+            [vi["video"], vi["stride"], vi["max_frames"]],
+            vi["video_info"],
+            **private,
+            **raw,
+        )
     # 3D
     a3["mesh"].change(h.preview_mesh, a3["mesh"], a3["input_view"], **private, **raw)
     a3["run"].click(

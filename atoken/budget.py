@@ -70,7 +70,7 @@ def image_header_size(path: str | Path) -> tuple[int, int]:
     except FileNotFoundError as e:
         raise MediaError(f"{name}: no such file") from e
     except UnidentifiedImageError as e:
-        raise MediaError(f"{name} is not an image file this app can read") from e
+        raise MediaError(f"{name} is not an image file atoken can read") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise MediaError(f"{name} is damaged or truncated") from e
     if orientation in (5, 6, 7, 8):  # EXIF: rotated by 90 degrees when shown

@@ -8,6 +8,7 @@ by frame so that long videos never sit in memory whole.
 from __future__ import annotations
 
 import io
+import logging
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger("atoken.media")
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 VIDEO_EXTENSIONS = {".mp4", ".webm", ".mov", ".gif", ".avi", ".mkv", ".m4v"}
@@ -76,9 +79,12 @@ def read_image(source, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
         except MediaError:
             raise
         except UnidentifiedImageError as e:
-            raise MediaError(f"{Path(name).name} is not an image Pillow can read") from e
-        except Image.DecompressionBombError as e:
-            raise MediaError(f"{Path(name).name} is too large to decode safely: {e}") from e
+            raise MediaError(f"{Path(name).name} is not an image file atoken can read") from e
+        except Image.DecompressionBombError as e:  # raised by Image.open, before the size check
+            raise MediaError(
+                f"{Path(name).name} is too large to decode; the limit is "
+                f"{max_pixels / 1e6:.0f} MP"
+            ) from e
         except (OSError, SyntaxError, ValueError) as e:
             raise MediaError(f"{Path(name).name} is damaged or truncated: {e}") from e
         return _to_rgb(img)
@@ -142,6 +148,7 @@ class VideoInfo:
     counted: bool = False  # num_frames counted in the container, not estimated as fps x duration
 
 
+NOT_A_VIDEO = "is not a video file atoken can read (damaged, truncated or an unknown format)"
 MAX_COUNT_SECONDS = 20.0  # a frame-count pass slower than this refuses the file
 MAX_HEADER_FPS = 1000.0  # header frame rates above this are not believed
 DEFAULT_FPS = 25.0  # when neither the header nor a count gives a frame rate
@@ -175,7 +182,7 @@ def _read_header(path: Path) -> dict:
         return next(reader)
     except (OSError, RuntimeError, StopIteration, AttributeError, IndexError) as e:
         # the last two: imageio-ffmpeg's header parser on a file without a video stream
-        raise MediaError(f"{path.name} is not a video ffmpeg can read: {_short(e)}") from e
+        raise MediaError(f"{path.name} {NOT_A_VIDEO}") from e
     finally:
         reader.close()
 
@@ -212,15 +219,16 @@ def count_video_frames(
             f"{max_seconds:g} s (the video is too long or damaged)"
         ) from e
     except OSError as e:
-        raise MediaError(f"{path.name}: cannot run ffmpeg to count frames: {e}") from e
+        raise MediaError(f"{path.name}: its frames could not be counted ({e.strerror})") from e
     if run.returncode != 0:
         if "matches no streams" in run.stderr:
             raise MediaError(f"{path.name} has no video frames")
-        raise MediaError(f"{path.name} is not a video ffmpeg can read: {_short(run.stderr)}")
+        log.info("%s: frame count failed: %s", path.name, _short(run.stderr))
+        raise MediaError(f"{path.name} {NOT_A_VIDEO}")
     # -progress writes blocks of key=value lines; the last block is the final tally
     progress = dict(line.split("=", 1) for line in run.stdout.splitlines() if "=" in line)
     if not progress.get("frame", "").strip().isdigit():
-        raise MediaError(f"{path.name}: ffmpeg did not report a frame count")
+        raise MediaError(f"{path.name}: its frames could not be counted")
     us = progress.get("out_time_us", "").strip()
     seconds = int(us) / 1e6 if us.lstrip("-").isdigit() and int(us) > 0 else 0.0
     return int(progress["frame"]), seconds
@@ -336,7 +344,8 @@ def iter_video_frames(
             if max_frames is not None and kept >= max_frames:
                 break
     except (OSError, RuntimeError) as e:
-        raise MediaError(f"{name}: decoding failed: {_short(e)}") from e
+        log.info("%s: decoding failed: %s", name, _short(e))
+        raise MediaError(f"{name}: decoding failed partway (the file is damaged or truncated)") from e
     finally:
         reader.close()
 

@@ -144,22 +144,26 @@ class VideoResult:
         return float(np.mean(vals)) if vals else float("inf")
 
 
-def chunk_frames(frames: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
-    """Group frames into arrays of ``size`` (the last chunk truncated to a multiple of 4,
-    or zero-padded to 4 when the whole video is shorter, as the official tokenizer does)."""
+def chunk_frames(
+    frames: Iterable[np.ndarray], size: int
+) -> Iterator[tuple[np.ndarray, int]]:
+    """Group frames into ``(clip, real)`` of ``size`` frames (``size`` a multiple of 4).
+
+    The last clip is padded up to a multiple of 4 by repeating its last frame; ``real`` says how
+    many of its frames are the video's, so every frame is reconstructed and the padding is
+    dropped from the output. (The official tokenizer drops the trailing ``T mod 4`` frames of a
+    video and pads a clip shorter than 4 with grey frames; a 250-frame clip came back with 248.)
+    """
     buf: list[np.ndarray] = []
-    first = True
     for f in frames:
         buf.append(f)
         if len(buf) == size:
-            yield np.stack(buf)
-            buf, first = [], False
+            yield np.stack(buf), size
+            buf = []
     if buf:
-        keep = len(buf) // 4 * 4
-        if keep:
-            yield np.stack(buf[:keep])
-        elif first:
-            yield np.stack(buf)  # a clip shorter than 4 frames: tokenize pads it
+        real = len(buf)
+        buf += [buf[-1]] * (-real % 4)
+        yield np.stack(buf), real
 
 
 @dataclass
@@ -264,9 +268,8 @@ def reconstruct_video(
         max_read=(limits or VideoLimits()).max_read_frames,
     )
     try:
-        for clip in chunk_frames(frames, chunk):
+        for clip, n_real in chunk_frames(frames, chunk):
             clip = crop_to_grid(clip)
-            n_real = clip.shape[0]
             x = tokenize([to_model_range(clip)])
             enc = model.encode(x, pool=False)
             state = model.pool_update(state, enc.hidden)
@@ -362,7 +365,7 @@ def encode_file(
         frames = iter_video_frames(
             source, stride=stride, max_side=max_side, max_frames=max_frames, max_read=max_read
         )
-        for clip in chunk_frames(frames, model.config.frames_batch_size):
+        for clip, n_real in chunk_frames(frames, model.config.frames_batch_size):
             clip = crop_to_grid(clip)
             x = tokenize([to_model_range(clip)])
             enc = model.encode(x, pool=False)
@@ -377,7 +380,7 @@ def encode_file(
             coords.append(c)
             if indices is not None:
                 idx.append(indices)
-            done += clip.shape[0]
+            done += n_real
             hw = clip.shape[1:3]
             if progress:
                 progress(min(done, total), total, f"frames {min(done, total)}/{total}")

@@ -158,7 +158,7 @@ def test_bad_upload_shows_a_readable_message_and_the_next_run_works(page, tmp_pa
     open_tab(page, "Image")
     upload(page, "#image-input", text_as_png(tmp_path))
     page.click("#image-run")
-    page.wait_for_selector(":text('is not an image file this app can read')")
+    page.wait_for_selector(":text('is not an image file atoken can read')")
     upload(page, "#image-input", EXAMPLES / "chelsea.png")
     page.click("#image-run")
     page.wait_for_selector("#image-metrics :text('psnr')")

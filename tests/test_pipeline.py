@@ -68,20 +68,35 @@ def test_reconstruct_image_modes(model_c, model_d):
         reconstruct_image(model_c, img, mode="bogus")
 
 
-def test_chunk_frames_rules():
-    frames = [np.zeros((1,)) for _ in range(37)]
-    assert [len(c) for c in chunk_frames(frames, 16)] == [16, 16, 4]
-    assert [len(c) for c in chunk_frames(frames[:2], 16)] == [2]  # padded later by tokenize
-    assert [len(c) for c in chunk_frames(frames[:18], 16)] == [16]  # 2 trailing frames dropped
+def test_chunk_frames_keep_every_frame():
+    frames = [np.full((1,), i) for i in range(37)]
+    chunks = list(chunk_frames(frames, 16))
+    assert [(len(c), real) for c, real in chunks] == [(16, 16), (16, 16), (8, 5)]
+    tail = chunks[-1][0]
+    assert list(tail[:, 0]) == [32, 33, 34, 35, 36, 36, 36, 36]  # padded with the last frame
+    assert [(len(c), r) for c, r in chunk_frames(frames[:2], 16)] == [(4, 2)]
+    assert [(len(c), r) for c, r in chunk_frames(frames[:18], 16)] == [(16, 16), (4, 2)]
+
+
+def test_a_video_that_is_not_a_multiple_of_4_frames_keeps_all_of_them(model_c, tmp_path):
+    clip = np.random.default_rng(0).integers(0, 256, (10, 32, 48, 3), dtype=np.uint8)
+    write_video(tmp_path / "ten.mp4", clip, fps=10)
+    res = reconstruct_video(model_c, tmp_path / "ten.mp4", tmp_path / "out")
+    assert res.num_frames == 10 == len(res.psnr_per_frame)
+    assert len(read_video(res.files["reconstruction"])) == 10
+    tokens = encode_file(model_c, tmp_path / "ten.mp4", tmp_path / "ten.safetensors")
+    back = decode_file(model_c, tokens, tmp_path / "back.mp4")
+    assert len(read_video(back)) == 10
 
 
 def test_streamed_video_equals_whole_video(model_c, video_path, tmp_path):
     res = reconstruct_video(model_c, video_path, tmp_path / "out")
-    assert res.num_frames == 36 and res.size == (48, 32)
+    assert res.num_frames == 37 and res.size == (48, 32)  # every frame, none dropped
     assert set(res.files) == {"reconstruction", "original", "side_by_side", "latent_pca"}
     assert all(p.stat().st_size > 0 for p in res.files.values())
     frames = read_video(video_path)
-    x = atoken.tokenize([atoken.to_model_range(frames)])
+    padded = np.concatenate([frames, frames[-1:].repeat(3, axis=0)])  # 37 -> 40, last repeated
+    x = atoken.tokenize([atoken.to_model_range(padded)])
     with torch.no_grad():
         enc = model_c.encode(x)
         rec = model_c.decode(enc.latent())
@@ -89,8 +104,9 @@ def test_streamed_video_equals_whole_video(model_c, video_path, tmp_path):
     assert (enc.pooled - res.pooled).abs().max() < 1e-5  # streamed pooling is exact
     from atoken.metrics import psnr
 
-    cropped = frames[:36, 4:36, 4:52]
-    assert abs(psnr(cropped[5], whole[5], data_range=255) - res.psnr_per_frame[5]) < 1e-6
+    cropped = frames[:, 4:36, 4:52]
+    for i in (5, 36):
+        assert abs(psnr(cropped[i], whole[i], data_range=255) - res.psnr_per_frame[i]) < 1e-6
 
 
 def test_video_limits(model_c, video_path, tmp_path):
@@ -106,10 +122,10 @@ def test_video_limits(model_c, video_path, tmp_path):
 def test_token_files_round_trip(model_d, video_path, tmp_path):
     tok = encode_file(model_d, video_path, tmp_path / "v.safetensors")
     tensors, meta = read_token_file(tok)
-    assert meta["kind"] == "video" and meta["frames"] == "36" and meta["latent_mode"] == "fsq"
+    assert meta["kind"] == "video" and meta["frames"] == "37" and meta["latent_mode"] == "fsq"
     assert tensors["indices"].shape == (tensors["coords"].shape[0], 8)
     assert torch.equal(model_d.dequantize(tensors["indices"]), tensors["latent"])
-    assert tensors["coords"][:, 1].max() == 8  # 36 frames -> 9 latent frames over 3 chunks
+    assert tensors["coords"][:, 1].max() == 9  # 37 frames (padded to 40) -> 10 latent frames
     out = decode_file(model_d, tok, tmp_path / "v.mp4")
     direct = reconstruct_video(
         model_d,
@@ -120,7 +136,7 @@ def test_token_files_round_trip(model_d, video_path, tmp_path):
         write_latent_pca=False,
     )
     a, b = read_video(out), read_video(direct.files["reconstruction"])
-    assert a.shape == b.shape == (36, 32, 48, 3)
+    assert a.shape == b.shape == (37, 32, 48, 3)
     assert np.abs(a.astype(int) - b.astype(int)).mean() < 2  # same frames up to mp4 coding
 
 
