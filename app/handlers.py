@@ -42,7 +42,7 @@ from atoken.media import (
 )
 from atoken.mesh import MeshError, load_mesh, mesh_to_glb
 from atoken.mesh_count import count_mesh_elements
-from atoken.metrics import error_heatmap
+from atoken.metrics import error_heatmap, psnr
 from atoken.model import ATokenModel, Encoded
 from atoken.patchify import to_model_range
 from atoken.pipeline import VideoLimits, check_video, reconstruct_image, reconstruct_video
@@ -415,6 +415,7 @@ def reconstruct_image_handler(
         "mode": res.mode,
         "model": name,
     }
+    metrics["compression_means"] = compression_means(metrics, res.original.shape, discrete)
     if plan.note:
         metrics["note"] = plan.note
     heat = error_heatmap(res.original, res.reconstruction, data_range=255)
@@ -455,6 +456,21 @@ def latent_view(state: dict | None):
     )
 
 
+def compression_means(metrics: dict, shape: tuple, discrete: bool) -> str:
+    """What the bare "compression" number is: raw bits over latent bits, spelt out."""
+    h_, w_ = shape[:2]
+    tokens, channels = metrics["latent_shape"]
+    bits = h_ * w_ * 3 * 8 / metrics["compression"]
+    per_token = (
+        f"{round(bits / tokens)} bits of FSQ codes" if discrete else f"{channels} float16 values"
+    )
+    return (
+        f"raw 8-bit RGB ({h_}x{w_}x3 bytes) is {metrics['compression']:.1f}x the size of the "
+        f"latent ({tokens} tokens x {per_token} = {bits / (h_ * w_):.2f} bits per pixel, "
+        "before any entropy coding)"
+    )
+
+
 def after_image(state: dict | None):
     """Enable the follow-up buttons and load the token editor once an image is reconstructed."""
     has = bool(state)
@@ -468,6 +484,7 @@ def after_image(state: dict | None):
         ""
         if discrete
         else f"Token editing needs discrete tokens: reconstruct with '{DISCRETE}' selected.",
+        posterior_note(state),
     )
 
 
@@ -954,8 +971,47 @@ def variations_handler(
         frames, used = posterior_variations(
             model, _encoded(image_st), n, temperature, None if new_seed else seed
         )
-    gallery = [(f, f"seed {used + i}") for i, f in enumerate(frames)]
+    rec = image_st["reconstruction"]
+    gallery = []
+    for i, f in enumerate(frames):
+        moved = int(np.abs(f.astype(np.int16) - rec).max())
+        gallery.append(
+            (f, f"seed {used + i}: {_db(psnr(f, rec, data_range=255))} from the reconstruction, "
+             f"pixels moved by at most {moved}/255")
+        )
     return gallery, used
+
+
+def _db(value: float) -> str:
+    return "identical" if not math.isfinite(value) else f"{value:.1f} dB"
+
+
+def posterior_note(state: dict | None) -> str:
+    """How wide this image's posterior is, in numbers, and what that means for the samples."""
+    if not state:
+        return ""
+    std = np.exp(0.5 * state["logvar"])
+    spread = float(state["mean"].std(axis=0).mean())
+    typical = float(np.median(std))
+    ratio = spread / max(typical, 1e-12)
+    text = (
+        f"This image's posterior: standard deviation {typical:.2g} (median; largest "
+        f"{float(std.max()):.2g}), against a spread of {spread:.2g} of the latent means across "
+        f"tokens (about 1:{ratio:,.0f}). A sample is mean + temperature x std x noise."
+    )
+    if ratio > 100:
+        text += (
+            " At this ratio samples differ from the reconstruction by a grey level or two, even "
+            "at temperature 3: the model's posterior is that narrow (it was trained with a small "
+            "KL weight, as in the paper), nothing is broken. Each caption says how far a "
+            "sample moved."
+        )
+    if state.get("discrete"):
+        text += (
+            " With FSQ tokens the sample is quantized before decoding, so most samples land on "
+            "the very same codes as the mean."
+        )
+    return text
 
 
 @spaces.GPU(duration=60)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from app import cache_writes
+from app import cache_writes, viewer3d
 from app import handlers as h
 from app.models import ModelManager
 from app.session import cleanup_session
@@ -95,6 +95,12 @@ def _image_tab(max_side_limit: int) -> dict:
                 )
                 seed = gr.Number(0, precision=0, label="Seed")
                 temperature = gr.Slider(0, 3, 1, step=0.05, label="Temperature")
+                gr.Markdown(
+                    "A sample is mean + temperature x std x noise. The posterior can be very "
+                    "narrow (atoken-tiny's std is about 1/2000 of its latent's spread), so a "
+                    "sample may look exactly like the mean: Generation > Posterior variations "
+                    "gives the numbers for your image."
+                )
             run = gr.Button("Reconstruct", variant="primary", elem_id="image-run")
         with gr.Column():
             preview = gr.Image(
@@ -103,7 +109,7 @@ def _image_tab(max_side_limit: int) -> dict:
                 interactive=False,
                 elem_id="image-preview",
             )
-            preview_info = gr.Markdown()
+            preview_info = gr.Markdown(elem_id="image-preview-info")
     with gr.Row():
         slider = gr.ImageSlider(
             label="Original | reconstruction (scroll or pinch to zoom)",
@@ -111,7 +117,8 @@ def _image_tab(max_side_limit: int) -> dict:
             elem_id="image-slider",
         )
         heat = gr.Image(
-            label="Error heatmap (brighter = larger error)",
+            label="Error heatmap, fixed scale: black = exact, yellow-white = off by 64 or "
+            "more of 255 grey levels",
             format=PNG,
             interactive=False,
             elem_id="image-heatmap",
@@ -211,15 +218,13 @@ def _asset_tab() -> dict:
         input_view = gr.Model3D(
             label="Input (normalised)",
             elem_id="mesh-view",
-            clear_color=(0.9, 0.9, 0.9, 1.0),
-            height=VIEWER_HEIGHT,
+            **viewer3d.mesh_viewer(VIEWER_HEIGHT),  # the splat viewer's pose and framing
         )
     with gr.Row():
         output_view = gr.Model3D(
             label="Reconstructed Gaussians (.ply)",
             elem_id="gs-view",
-            clear_color=(0.9, 0.9, 0.9, 1.0),
-            height=VIEWER_HEIGHT,
+            **viewer3d.splat_viewer(VIEWER_HEIGHT),
         )
         turntable = gr.Video(
             label="Turntable: input | reconstruction",
@@ -310,7 +315,9 @@ def _generation_tab() -> dict:
             )
             new_seed = gr.Checkbox(True, label="Draw a new seed each run")
             vary = gr.Button("Sample", variant="primary", interactive=False, elem_id="var-run")
-        gallery = gr.Gallery(label="Samples", format=PNG, columns=4, elem_id="var-gallery")
+        with gr.Column():
+            vary_note = gr.Markdown(elem_id="var-note")
+            gallery = gr.Gallery(label="Samples", format=PNG, columns=4, elem_id="var-gallery")
     with gr.Tab("Token editing (FSQ)"):
         edit_note = gr.Markdown()
         with gr.Row():
@@ -419,7 +426,7 @@ def _wire(demo, status, model_st, im, vi, a3, zs, ge, image_st, video_st, asset_
     ).then(
         h.after_image,
         image_st,
-        [ge["interp"], ge["vary"], ge["edit"], ge["editor"], ge["edit_note"]],
+        [ge["interp"], ge["vary"], ge["edit"], ge["editor"], ge["edit_note"], ge["vary_note"]],
         **private,
     )
     # video

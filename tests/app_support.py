@@ -22,6 +22,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "assets" / "examples"
 MESHES = ROOT / "assets" / "meshes"
+VIDEO = ROOT / "assets" / "video"
 OUTPUT = ROOT / "test-output"
 _APP: dict = {}
 

@@ -8,6 +8,7 @@ set, which ``scripts/screenshots.py`` uses for the README).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from tests.app_support import (
     EXAMPLES,
     MESHES,
+    VIDEO,
     OUTPUT,
     app_server,
     text_as_png,
@@ -154,11 +156,30 @@ def test_image_tab(page):
     shot(page, "image_tab")
 
 
+def count_text(page, text: str) -> int:
+    """How many times ``text`` shows in the page's visible text (toasts included)."""
+    return page.evaluate("t => document.body.innerText.split(t).length - 1", text)
+
+
 def test_bad_upload_shows_a_readable_message_and_the_next_run_works(page, tmp_path):
     open_tab(page, "Image")
+    before = page.locator("#image-input").bounding_box()["height"]
     upload(page, "#image-input", text_as_png(tmp_path))
+    message = "is not an image file atoken can read"
+    # said once, under the preview, when the file arrives: no error toast, no "Error (2)"
+    page.wait_for_selector(f"#image-preview-info :text('{message}')")
+    page.wait_for_timeout(1500)  # a second preview run would have shown by now
+    assert count_text(page, message) == 1
+    assert page.locator(".toast-body").count() == 0
+    # the upload box keeps its size (it collapsed to a sliver after a non-image)
+    assert page.locator("#image-input").bounding_box()["height"] >= before - 2
     page.click("#image-run")
-    page.wait_for_selector(":text('is not an image file atoken can read')")
+    page.wait_for_function(
+        "t => document.body.innerText.split(t).length - 1 >= 2", arg=message
+    )  # the run's refusal says it again, once
+    page.wait_for_timeout(1000)
+    assert count_text(page, message) == 2 and "Error (2)" not in page.inner_text("body")
+    assert "Traceback" not in page.inner_text("body")
     upload(page, "#image-input", EXAMPLES / "chelsea.png")
     page.click("#image-run")
     page.wait_for_selector("#image-metrics :text('psnr')")
@@ -174,6 +195,21 @@ def test_video_tab(page):
     page.wait_for_selector("#video-metrics :text('psnr_mean')")
     assert "side_by_side" in page.locator("#video-files").inner_text()
     shot(page, "video_tab")
+
+
+def test_video_tab_says_what_the_settings_cover_before_the_run(page):
+    open_tab(page, "Video")
+    clear = page.locator("#video-input button[aria-label='Clear']")
+    if clear.count():  # the video tab test left its clip there
+        clear.first.click()
+    upload(page, "#video-input", VIDEO / "bigbuckbunny_512x288.mp4")  # 132 frames, 5.3 s
+    page.wait_for_selector("#video-info :text('132 frames')")
+    info = page.locator("#video-info").inner_text()
+    assert "Only the first 64 of 132 frames (2.6 s of 5.3 s) will be reconstructed" in info, info
+    clear.first.click()
+    upload(page, "#video-input", EXAMPLES / "astronaut_pan.mp4")  # 32 frames: all of it
+    page.wait_for_selector("#video-info :text('All of it will be reconstructed')")
+    assert "32 frames" in page.locator("#video-info").inner_text()
 
 
 def test_3d_tab_viewer_renders_when_the_tab_opens(page, tmp_path):
@@ -280,3 +316,44 @@ def test_token_editing_with_a_painted_mask(page):
         ".filter(i => i.complete && i.naturalWidth > 0).length >= 2"
     )
     shot(page, "token_editing")
+
+
+def test_a_failed_model_load_keeps_the_panel_usable(page):
+    """A load that fails says so in the status line; the dropdown is not covered and works."""
+    manager = app_server()["manager"]
+    real = manager.load
+
+    def broken(key):
+        if key == "random-tiny-d":
+            raise RuntimeError("checkpoint random-tiny-d is damaged (test)")
+        return real(key)
+
+    def choose(key: str) -> None:
+        page.locator("#model-key input").click()
+        # an option reads "✓ name (where it comes from)"
+        option = page.get_by_role("option").filter(has_text=re.compile(rf"^\W*{re.escape(key)} \("))
+        option.click()
+        page.click("#model-load")
+
+    if not page.locator("#model-key").is_visible():
+        page.locator("#model-panel button").first.click()
+    manager.load = broken
+    try:
+        choose("random-tiny-d")
+        page.wait_for_selector("#model-status :text('Could not load')")
+        assert "damaged" in page.locator("#model-status").inner_text()
+        # the dropdown went back to the session's model and nothing covers it
+        assert page.locator("#model-key input").input_value().startswith("random-tiny (")
+        assert page.locator("#model-key .error, #model-key [class*=error]").count() == 0
+    finally:
+        manager.load = real
+    choose("random-tiny-d")  # the same panel, clicked again, now loads
+    page.wait_for_function(
+        "() => !document.querySelector('#model-status').innerText.includes('Could not load')"
+        " && document.querySelector('#model-status').innerText.includes('random-tiny-d')"
+    )
+    choose("random-tiny")  # leave the session as the other tests expect it
+    page.wait_for_function(
+        "() => document.querySelector('#model-key input').value.startsWith('random-tiny (')"
+        " && !document.querySelector('#model-status').innerText.includes('random-tiny-d')"
+    )

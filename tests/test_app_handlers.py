@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import shutil
 import tempfile
 import threading
@@ -102,6 +103,9 @@ def test_reconstruct_image_outputs(manager, image_result):
     assert metrics["grid"] == list(grid) and metrics["latent_shape"] == [metrics["tokens"], 16]
     assert 0 < metrics["psnr"] < 60 and -1 <= metrics["ssim"] <= 1 and metrics["compression"] > 1
     assert metrics["mode"] == "mean" and metrics["model"] == "random-tiny"
+    bpp = metrics["tokens"] * 16 * 16 / (orig.shape[0] * orig.shape[1])  # 16 float16 channels
+    assert f"x 16 float16 values = {bpp:.2f} bits per pixel" in metrics["compression_means"]
+    assert f"is {metrics['compression']:.1f}x the size" in metrics["compression_means"]
     names = sorted(p.rsplit("/", 1)[1] for p in files)
     assert names == ["original.png", "reconstruction.png", "tokens.safetensors"]
     rec_png = next(p for p in files if p.endswith("reconstruction.png"))
@@ -137,6 +141,10 @@ def test_discrete_switch_uses_the_fsq_sibling(manager, discrete_result):
     assert metrics["mode"] == "fsq" and metrics["model"] == "random-tiny-d"
     assert state["discrete"] and state["indices"].shape == (metrics["tokens"], 8)
     assert metrics["compression"] == pytest.approx(rec.size * 8 / (metrics["tokens"] * 8 * 12))
+    bpp = metrics["tokens"] * 96 / (rec.shape[0] * rec.shape[1])
+    assert f"{metrics['tokens']} tokens x 96 bits of FSQ codes = {bpp:.2f} bits per pixel" in (
+        metrics["compression_means"]
+    )
 
 
 def test_latent_view_figures(manager, image_result, discrete_result):
@@ -164,13 +172,28 @@ def test_code_usage_counts_and_perplexity():
 
 
 def test_follow_up_buttons_enable_after_reconstruction(image_result, discrete_result):
-    interp, vary, edit, editor, note = h.after_image(None)
+    interp, vary, edit, editor, note, posterior = h.after_image(None)
     assert not interp["interactive"] and not vary["interactive"] and not edit["interactive"]
-    interp, vary, edit, editor, note = h.after_image(image_result[4])
+    assert posterior == ""
+    interp, vary, edit, editor, note, posterior = h.after_image(image_result[4])
     assert interp["interactive"] and vary["interactive"] and not edit["interactive"]
-    assert "discrete" in note
-    *_, edit, editor, note = h.after_image(discrete_result[4])
+    assert "discrete" in note and "standard deviation" in posterior
+    *_, edit, editor, note, posterior = h.after_image(discrete_result[4])
     assert edit["interactive"] and editor["value"]["background"].shape[2] == 3 and note == ""
+    assert "quantized" in posterior
+
+
+def test_posterior_note_gives_the_measured_width():
+    rng = np.random.default_rng(0)
+    mean = rng.normal(0, 2.0, (500, 8)).astype(np.float32)  # spread 2 across tokens
+    narrow = {"mean": mean, "logvar": np.full_like(mean, 2 * np.log(0.002)), "discrete": False}
+    text = h.posterior_note(narrow)
+    assert "standard deviation 0.002" in text and "that narrow" in text
+    ratio = int(re.search(r"about 1:([\d,]+)", text).group(1).replace(",", ""))
+    assert 900 < ratio < 1100  # spread 2 / std 0.002
+    wide = dict(narrow, logvar=np.zeros_like(mean))  # std 1: samples do move
+    text = h.posterior_note(wide)
+    assert "standard deviation 1 " in text and "about 1:2)" in text and "that narrow" not in text
 
 
 @pytest.mark.parametrize("make", [text_as_png, truncated_jpeg, huge_png])
@@ -354,7 +377,11 @@ def test_interpolation_from_the_image_state(manager, image_result):
 def test_variations_write_the_seed_back(manager, image_result):
     state = image_result[4]
     gallery, seed = h.variations_handler(3, 1.0, 0, True, state)
-    assert len(gallery) == 3 and isinstance(seed, int) and gallery[1][1] == f"seed {seed + 1}"
+    assert len(gallery) == 3 and isinstance(seed, int)
+    rec = state["reconstruction"]
+    for i, (frame, caption) in enumerate(gallery):  # each caption measures its own sample
+        moved = int(np.abs(frame.astype(int) - rec).max())
+        assert caption.startswith(f"seed {seed + i}: ") and f"at most {moved}/255" in caption
     again, same = h.variations_handler(3, 1.0, seed, False, state)
     assert same == seed
     for (a, _), (b, _) in zip(gallery, again):
