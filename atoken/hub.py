@@ -1,4 +1,5 @@
-"""Models by name: the bundled checkpoint(s) in ``assets/`` and the official weights in the cache."""
+"""Models by name: the bundled checkpoints (``assets/`` of a checkout, ``atoken/_bundled/`` of an
+installed wheel) and the official weights in the cache."""
 
 from __future__ import annotations
 
@@ -11,7 +12,20 @@ from atoken.download import OFFICIAL_WEIGHTS, cache_dir, cached_path, download
 from atoken.gs_decoder import GaussianDecoder
 from atoken.model import ATokenModel
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+def _assets_dir() -> Path:
+    """Where the bundled checkpoints are: ``assets/`` of a checkout, else the installed package's
+    ``atoken/_bundled/`` (the wheel maps ``assets/``'s checkpoints there, see pyproject.toml)."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "assets"
+    if (checkout / "atoken-tiny.safetensors").is_file() and (
+        here.parent / "pyproject.toml"
+    ).is_file():
+        return checkout
+    return here / "_bundled"
+
+
+ASSETS = _assets_dir()
 # Our own checkpoints (trained with atoken.training; the config lives in the file's metadata).
 BUNDLED: dict[str, str] = {
     "atoken-tiny": "atoken-tiny.safetensors",
