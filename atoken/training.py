@@ -42,7 +42,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,11 @@ class TrainConfig:
     ``init_from``. ``fsq_init``: ``{tokens: N, std: s, seed: k}`` rotates and rescales the
     continuous latent of a pretrained start into the FSQ range before an FSQ stage (see
     `fsq_rotation_init`). ``lr_scales`` maps parameter-name prefixes to learning-rate factors.
+    ``encoder_train_frames`` (with ``freeze_encoder``), e.g. ``[1, 2, 3]``: still train the
+    encoder input layer's weights that read those frames of a token (`input_frame_mask`); the
+    rest of the encoder stays bit-exact, and so do images and 3D, whose frames 1-3 are zeros.
+    ``temporal_init``: ``[w1, w2, w3]`` (summing to 0) re-mixes a pretrained start's encoder
+    input for frames 1-3 before training (`temporal_mix_init`); ignored without ``init_from``.
     """
 
     name: str = "run"
@@ -111,6 +116,8 @@ class TrainConfig:
     encoder_lr_scale: float | None = None
     lr_scales: dict[str, float] = field(default_factory=dict)
     freeze_encoder: bool = False
+    encoder_train_frames: list[int] = field(default_factory=list)
+    temporal_init: list[float] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
     loss: dict[str, Any] = field(default_factory=dict)
     semantic: dict[str, Any] = field(default_factory=dict)
@@ -156,6 +163,11 @@ class TrainConfig:
             )
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.encoder_train_frames and not self.freeze_encoder:
+            raise ValueError(
+                "encoder_train_frames trains part of a frozen encoder; set freeze_encoder: true "
+                f"(got frames {self.encoder_train_frames} with the whole encoder trained)"
+            )
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.export_dtype not in ("float32", "float16", "bfloat16"):
@@ -418,6 +430,46 @@ def fsq_rotation_init(
     d = model.decoder.input_layer.weight
     d[:, :dim] = (d[:, :dim].double() @ (a_inv * k[:, None])).to(d.dtype)
     return sigma
+
+
+@torch.no_grad()
+def temporal_mix_init(model: ATokenModel, weights: Sequence[float]) -> None:
+    """Let a video token enter the encoder as the picture ``x0 + sum_k w_k x_k`` (k = 1..3).
+
+    Adds ``w_k`` times the input layer's frame-0 columns to its frame-k columns (what those
+    columns held is kept). A PCA-started encoder (`pca_init`) reads almost only frame 0, so its
+    decoder repeats frame 0 four times (issue 16). Images and 3D (zeros in frames 1-3) encode
+    exactly as before; with ``sum(w) = 0`` the frame-0 part of a still video's input is its
+    frame, and a moving patch enters as one picture between its frames, e.g.
+    ``x0 - 0.75 x1 + 0.25 x2 + 0.5 x3``, near the patch's mean when the motion is slow.
+    """
+    weight = model.encoder.input_layer.weight
+    count = weight.shape[1] // VOXEL_CHANNELS
+    if len(weights) != count - 1 or abs(sum(weights)) > 1e-6:
+        raise ValueError(
+            f"temporal_init needs {count - 1} weights (frames 1..{count - 1}) summing to 0, "
+            f"got {list(weights)}"
+        )
+    frame0 = weight[:, :VOXEL_CHANNELS].clone()
+    for k, w in enumerate(weights, start=1):
+        weight[:, k * VOXEL_CHANNELS : (k + 1) * VOXEL_CHANNELS] += float(w) * frame0
+
+
+def input_frame_mask(model: ATokenModel, frames: Sequence[int]) -> Tensor:
+    """Bool ``[C, in_channels]``: the encoder input layer's weights that read ``frames``.
+
+    Token features are ordered (pt, ph, pw, c) (`atoken.patchify.patchify`), so frame ``f`` of
+    a token is columns ``f * 768 .. (f + 1) * 768``. Images and 3D assets carry zeros in frames
+    1-3, so those columns never change their encoding.
+    """
+    weight = model.encoder.input_layer.weight
+    count = weight.shape[1] // VOXEL_CHANNELS
+    bad = [f for f in frames if not 0 <= int(f) < count]
+    if bad or not frames:
+        raise ValueError(f"frames must be a non-empty list in [0, {count}), got {list(frames)}")
+    cols = torch.zeros(count, VOXEL_CHANNELS, dtype=torch.bool)
+    cols[[int(f) for f in frames]] = True
+    return cols.reshape(1, -1).expand(weight.shape[0], -1).clone()
 
 
 def frame0_patches(stream: Iterator, count: int) -> Tensor:
@@ -806,10 +858,15 @@ class Objective:
 class EMA:
     """Exponential moving average of parameters (float32 copies), with a warm-up of the decay."""
 
-    def __init__(self, module: nn.Module, decay: float) -> None:
+    def __init__(
+        self, module: nn.Module, decay: float, masks: Mapping[str, Tensor] | None = None
+    ) -> None:
         self.decay = float(decay)
         self.step = 0
         self.shadow = {k: p.detach().float().clone() for k, p in module.named_parameters()}
+        # partly trained parameters: True where trained; the other entries are copied like
+        # frozen parameters (names as in ``module.named_parameters()``)
+        self.masks = dict(masks or {})
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
@@ -819,6 +876,9 @@ class EMA:
         for k, p in module.named_parameters():
             if p.requires_grad:
                 self.shadow[k].mul_(d).add_(p.detach().float(), alpha=1 - d)
+                if k in self.masks:
+                    m = self.masks[k].to(p.device)
+                    self.shadow[k].copy_(torch.where(m, self.shadow[k], p.detach().float()))
             else:  # frozen: keep it bit-exact (d * x + (1 - d) * x rounds)
                 self.shadow[k].copy_(p.detach().float())
 
@@ -853,23 +913,28 @@ def param_groups(
     encoder_scale: float,
     freeze_encoder: bool,
     lr_scales: Mapping[str, float] | None = None,
+    partly_trained: Collection[str] = (),
 ) -> list[dict[str, Any]]:
     """AdamW groups by learning-rate factor and decay (none on norms, biases, tables, logits).
 
     The encoder's factor is ``encoder_scale``; ``lr_scales`` maps parameter-name prefixes
     (e.g. ``"model.decoder.out_layer"``) to further factors (the longest match wins).
+    ``partly_trained`` names encoder parameters that stay trainable in a frozen encoder (their
+    gradient is masked by the caller), at factor 1 and without weight decay, which would move
+    the masked-out entries.
     """
     scales = sorted((lr_scales or {}).items(), key=lambda kv: -len(kv[0]))
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in module.named_parameters():
         is_encoder = name.startswith("model.encoder.")
-        if is_encoder and freeze_encoder:
+        partly = name in partly_trained
+        if is_encoder and freeze_encoder and not partly:
             p.requires_grad_(False)
         if not p.requires_grad:
             continue
-        factor = encoder_scale if is_encoder else 1.0
+        factor = encoder_scale if is_encoder and not partly else 1.0
         factor *= next((float(f) for prefix, f in scales if name.startswith(prefix)), 1.0)
-        no_decay = p.dim() < 2 or "position_embedding" in name or name.endswith("probe")
+        no_decay = p.dim() < 2 or "position_embedding" in name or name.endswith("probe") or partly
         groups.setdefault((factor, no_decay), []).append(p)
     return [
         {"params": params, "lr": lr * factor, "weight_decay": 0.0 if no_decay else weight_decay}
@@ -1035,6 +1100,8 @@ class Trainer:
             probe = self._build_stream(seed_offset=1, only=cfg.pca_init.get("sources"))
             mean, basis = patch_pca(frame0_patches(probe, count), model.config.latent_channels)
             pca_init(model, mean, basis, float(cfg.pca_init.get("constant", 10.0)))
+        if cfg.temporal_init and pretrained:
+            temporal_mix_init(model, cfg.temporal_init)
         if cfg.fsq_init and pretrained and model.quantizer is not None:
             probe = self._build_stream(seed_offset=2)
             lat = stream_latents(model, probe, int(cfg.fsq_init.get("tokens", 20000)))
@@ -1059,9 +1126,21 @@ class Trainer:
             if cfg.encoder_lr_scale is not None
             else (0.1 if pretrained else 1.0)
         )
+        masks = {}
+        if cfg.encoder_train_frames:
+            mask = input_frame_mask(model, cfg.encoder_train_frames)
+            weight = model.encoder.input_layer.weight
+            weight.register_hook(lambda g, m=mask: g * m.to(g.device, g.dtype))
+            masks["model.encoder.input_layer.weight"] = mask
         self.optimizer = torch.optim.AdamW(
             param_groups(
-                self.module, cfg.lr, cfg.weight_decay, enc_scale, cfg.freeze_encoder, cfg.lr_scales
+                self.module,
+                cfg.lr,
+                cfg.weight_decay,
+                enc_scale,
+                cfg.freeze_encoder,
+                cfg.lr_scales,
+                partly_trained=masks,
             ),
             lr=cfg.lr,
             betas=cfg.betas,
@@ -1071,7 +1150,7 @@ class Trainer:
             self.optimizer,
             lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr / cfg.lr),
         )
-        self.ema = EMA(self.module, cfg.ema_decay)
+        self.ema = EMA(self.module, cfg.ema_decay, masks)
         self.module, self.optimizer = acc.prepare(self.module, self.optimizer)
         self.objective = Objective(cfg.loss, sem, acc.device)
         self.quantized = model.quantizer is not None

@@ -33,6 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import video_frames  # noqa: E402
+
 from atoken import data, training  # noqa: E402
 from atoken.metrics import psnr, ssim  # noqa: E402
 
@@ -190,6 +192,11 @@ def evaluate(cont_path: Path, disc_path: Path, out: Path) -> dict:
             "world_held_out_psnr": float(np.mean(gen)),
             "bigbuckbunny_seen_psnr": psnr(t, r),
         }
+    # per-frame PSNR inside a 4-frame temporal patch (issue 16; benchmarks/video_frames.py)
+    report["video_frames"] = {
+        name: video_frames.measure(m)
+        for name, m in (("atoken-tiny", cont), ("atoken-tiny-d", disc))
+    }
     # 3D: voxel-feature PSNR of held-out primitives (1024-voxel subsets)
     for name, m in (("atoken-tiny", cont), ("atoken-tiny-d", disc)):
         vals = []
@@ -234,6 +241,12 @@ def summary(report: dict) -> str:
         f"{mean('pca48', 'per_photo'):9.2f} {mean('pca48', 'pooled_test'):10.2f} "
         f"{mean('pca48', 'train_photos'):9.2f}"
     )
+    for name, res in report["video_frames"].items():
+        pos = " ".join(f"{x:.2f}" for x in res["held_out"]["position_psnr"])
+        lines.append(
+            f"video {name}: held-out PSNR at positions 0-3 {pos} (spread "
+            f"{res['held_out']['spread']:.2f})"
+        )
     for k, v in report["zero_shot"].items():
         extra = f" motion {v['motion_accuracy']:.2f}" if "motion_accuracy" in v else ""
         lines.append(

@@ -600,3 +600,74 @@ def test_fsq_rotation_init_spreads_the_latent_and_keeps_the_decoder_input():
     assert float(err) < 0.01
     with pytest.raises(ValueError, match="quantizer"):
         training.fsq_rotation_init(ATokenModel(ATokenConfig.from_dict(tiny_model())), lat)
+
+
+def test_encoder_train_frames_trains_only_the_later_frames_columns(tmp_path):
+    """Issue 16: a frozen encoder whose input columns for frames 1-3 still learn leaves every
+    other encoder weight, and so every image encoding, bit-exact."""
+    first = training.train_from_config(
+        base_config(tmp_path, "a", ("image",), steps=2, warmup_steps=1)
+    )
+    cfg = base_config(
+        tmp_path,
+        "b",
+        ("image", "video"),
+        steps=6,
+        warmup_steps=1,
+        init_from=str(first.checkpoint),
+        freeze_encoder=True,
+        encoder_train_frames=[1, 2, 3],
+        weight_decay=0.5,  # the partly trained weight must not decay either
+    )
+    result = training.train_from_config(cfg)
+    before, after = (
+        training.load_trained(first.checkpoint),
+        training.load_trained(result.checkpoint),
+    )
+    w0, w1 = before.encoder.input_layer.weight, after.encoder.input_layer.weight
+    assert torch.equal(w0[:, :768], w1[:, :768])
+    assert not torch.equal(w0[:, 768:], w1[:, 768:])
+    a, b = before.encoder.state_dict(), after.encoder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "input_layer.weight")
+    image = fixed_batch(["image"]).tokens
+    with torch.no_grad():
+        e0, e1 = before.encode(image), after.encode(image)
+    assert torch.equal(e0.hidden, e1.hidden) and torch.equal(e0.pooled, e1.pooled)
+    mask = training.input_frame_mask(after, [1, 2, 3])
+    assert mask.shape == w1.shape and mask[:, 768:].all() and not mask[:, :768].any()
+    with pytest.raises(ValueError, match="frames"):
+        training.input_frame_mask(after, [4])
+    with pytest.raises(ValueError, match="freeze_encoder"):
+        training.load_train_config(base_config(tmp_path, "c", encoder_train_frames=[1]))
+
+
+def test_temporal_mix_init_encodes_a_patch_as_one_mixed_picture():
+    model = ATokenModel(training.model_config(tiny_model()))
+    training.init_weights(model, 0)
+    with torch.no_grad():  # an encoder that reads frame 0 only, as a PCA-started one nearly does
+        model.encoder.input_layer.weight[:, 768:] = 0.0
+    mixed = ATokenModel(model.config)
+    mixed.load_state_dict(model.state_dict())
+    w = [-0.75, 0.25, 0.5]
+    training.temporal_mix_init(mixed, w)
+    rng = np.random.default_rng(0)
+    frames = torch.from_numpy(rng.uniform(-1, 1, (4, 32, 32, 3))).float()
+    picture = frames[0] + sum(wk * frames[k] for k, wk in enumerate(w, start=1))
+
+    def hidden(m, item):
+        return m.encode(data.collate([item]).tokens).hidden
+
+    with torch.no_grad():
+        image = data.image_sample(frames[0])
+        assert torch.equal(hidden(model, image), hidden(mixed, image))  # images: bit-exact
+        still = data.video_sample(frames[:1].expand(4, -1, -1, -1))
+        torch.testing.assert_close(hidden(mixed, still), hidden(model, image), atol=1e-4, rtol=0)
+        video = data.video_sample(frames)
+        as_picture = data.image_sample(picture)
+        torch.testing.assert_close(
+            hidden(mixed, video), hidden(model, as_picture), atol=1e-4, rtol=0
+        )
+    with pytest.raises(ValueError, match="summing to 0"):
+        training.temporal_mix_init(mixed, [0.5, 0.25, 0.5])
+    with pytest.raises(ValueError, match="3 weights"):
+        training.temporal_mix_init(mixed, [-1.0, 1.0])
