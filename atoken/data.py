@@ -353,14 +353,12 @@ def _caption_for(path: Path, root: Path, table: dict[str, str]) -> str | None:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """An image file -> uint8 ``[H, W, 3]`` (alpha composited on white, greyscale expanded)."""
-    with Image.open(path) as im:
-        if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-            rgba = im.convert("RGBA")
-            bg = Image.new("RGB", rgba.size, (255, 255, 255))
-            bg.paste(rgba, mask=rgba.getchannel("A"))
-            im = bg
-        return np.asarray(im.convert("RGB"))
+    """An image file -> uint8 ``[H, W, 3]``: `atoken.media.read_image` (EXIF orientation applied,
+    alpha composited on white, greyscale expanded), so training and ``atoken eval`` see the
+    picture that ``atoken reconstruct`` and the app see."""
+    from atoken.media import read_image as read
+
+    return read(path)
 
 
 def as_rgb_u8(image: np.ndarray) -> np.ndarray:

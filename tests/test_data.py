@@ -216,3 +216,20 @@ def test_build_source_errors():
         {"type": "skimage", "names": ["astronaut"], "min_side": 32, "max_side": 64}
     )
     assert src.draw(np.random.default_rng(0)).num_tokens <= 16
+
+
+def test_exif_rotated_photo_reads_the_same_in_training_eval_and_reconstruct(tmp_path):
+    """One reader: ``atoken eval`` (data.read_image) and ``atoken reconstruct`` / the app
+    (media.read_image) must score the same picture (they once read 40x20 and 20x40)."""
+    from atoken import media
+
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, :10] = (255, 0, 0)  # a red band on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(img).save(path, exif=exif, quality=95)
+    a, b = data.read_image(path), media.read_image(path)
+    assert a.shape == b.shape == (40, 20, 3)  # shown upright: taller than wide
+    np.testing.assert_array_equal(a, b)
+    assert a[:8, :, 0].mean() > 200 > a[-8:, :, 0].mean()  # the band ends up at the top
