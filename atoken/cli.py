@@ -254,7 +254,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from atoken.training import evaluate_folder
+    from atoken.evaluate import evaluate_folder
 
     model = build_model(args)
     report = evaluate_folder(
@@ -263,6 +263,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         zero_shot=args.zero_shot,
         max_side=args.max_side,
         pca_components=args.pca,
+        codecs=args.codecs,
     )
     if not args.per_item:
         report.pop("per_item", None)
@@ -351,7 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     q.set_defaults(func=cmd_train)
 
-    q = sub.add_parser("eval", help="PSNR/SSIM/rFID (+ zero-shot accuracy) over a folder")
+    q = sub.add_parser(
+        "eval",
+        help="PSNR/SSIM/perceptual/Frechet distances (+ PCA, codecs, zero-shot) over a folder",
+    )
     q.add_argument("folder", help="images and videos to reconstruct")
     q.add_argument(
         "--zero-shot",
@@ -363,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="also report a per-patch PCA baseline with this many components",
+    )
+    q.add_argument(
+        "--codecs",
+        action="store_true",
+        help="also count the tokens' bits and encode each image with JPEG/WebP/AVIF at them",
     )
     q.add_argument("--max-side", type=int, default=512)
     q.add_argument("--per-item", action="store_true", help="include per-item metrics")

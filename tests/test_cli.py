@@ -84,7 +84,39 @@ def test_eval_folder(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["items"] == 2 and "per_item" not in report
     assert 0 < report["psnr"] < 60 and report["pca_psnr"] > report["psnr"]  # untrained model
-    assert report["rfid"] >= 0
+    assert report["perceptual"] > 0 and report["frechet"] > 0
+    assert "pca_perceptual" in report and "codecs" not in report
+
+
+def test_eval_contract_with_pca_and_codecs(tmp_path):
+    """``python -m atoken eval FOLDER --pca 48 --codecs`` prints one JSON object (scripts read
+    it): the bundled atoken-tiny on two small CC0 photos."""
+    from skimage import data
+
+    for name in ("chelsea", "coffee"):
+        img = Image.fromarray(getattr(data, name)())
+        img.resize((img.width // 4, img.height // 4), Image.LANCZOS).save(tmp_path / f"{name}.png")
+    args = f"eval {tmp_path} --pca 48 --codecs --model atoken-tiny --device cpu".split()
+    proc = subprocess.run(
+        [sys.executable, "-m", "atoken", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    keys = "items psnr ssim perceptual frechet pca_psnr pca_perceptual pca_frechet tokens_bpp"
+    for key in keys.split():
+        assert isinstance(report[key], (int, float)) and report[key] >= 0, key
+    assert report["items"] == 2 and 20 < report["psnr"] < 50
+    assert report["tokens_bpp"] < report["tokens_stored_bpp"] == 3.0  # float16, 48 channels
+    expected = {"jpeg", "webp", "avif"} - set(report["codecs_missing"])
+    assert set(report["codecs"]) == expected
+    for row in report["codecs"].values():
+        assert {"bpp", "psnr", "ssim", "perceptual"} <= set(row)
+        if row["fits"]:
+            assert row["bpp"] <= report["tokens_bpp"] * 1.0001
 
 
 def test_the_default_work_budget_applies_and_can_be_lifted(tmp_path, capsys):

@@ -1,13 +1,16 @@
-"""Tests for atoken/metrics.py: hand-computed values, skimage SSIM and closed-form Frechet."""
+"""Tests for atoken/metrics.py: hand-computed values, skimage SSIM, closed-form Frechet and the
+EfficientNet-Lite0 distances' orderings on a photo."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from PIL import Image, ImageFilter
 from skimage import data
 from skimage.metrics import structural_similarity
 
@@ -17,8 +20,11 @@ from atoken.metrics import (
     feature_statistics,
     frechet_distance,
     frechet_distance_from_features,
+    frechet_feature_distance,
     input_bits,
     latent_bits,
+    perceptual_distance,
+    perceptual_distance_per_frame,
     psnr,
     psnr_per_frame,
     ssim,
@@ -104,6 +110,17 @@ def test_ssim_matches_skimage_grey_float():
     assert ssim(a, a, data_range=2.0) == pytest.approx(1.0)
 
 
+def test_ssim_banded_and_conv_filters_agree(monkeypatch):
+    import atoken.metrics as metrics
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 255, (40, 57, 3), dtype=np.uint8)
+    b = np.clip(a + rng.normal(0, 9, a.shape), 0, 255).astype(np.uint8)
+    banded = ssim(a, b)
+    monkeypatch.setattr(metrics, "_BANDED_MAX_SIDE", 0)
+    assert ssim(a, b) == pytest.approx(banded, abs=1e-12)
+
+
 def test_ssim_batch_is_mean_of_items_and_too_small_raises():
     x = torch.rand(3, 3, 20, 24)
     y = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
@@ -182,3 +199,68 @@ def test_compression_ratio_bits():
     assert fsq == pytest.approx(64.0)
     with pytest.raises(ValueError, match="latent_channels"):
         latent_bits(10)
+
+
+# --- EfficientNet-Lite0 distances -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cat() -> np.ndarray:
+    """chelsea (CC0) at 192x128: small enough for a fast suite, big enough for the features."""
+    return np.asarray(Image.fromarray(data.chelsea()).resize((192, 128), Image.LANCZOS))
+
+
+def blurred(img: np.ndarray, radius: float) -> np.ndarray:
+    return np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius)))
+
+
+def noisy(img: np.ndarray, sigma: float) -> np.ndarray:
+    noise = np.random.default_rng(0).normal(0.0, sigma, img.shape)
+    return np.clip(img + noise, 0, 255).astype(np.uint8)
+
+
+def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def test_feature_distances_of_identical_images_are_zero(cat):
+    assert perceptual_distance(cat, cat) == 0.0
+    assert frechet_feature_distance([cat], [cat.copy()]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_feature_distances_grow_with_blur_and_noise(cat):
+    for degrade, strengths in ((blurred, (0.7, 1.5, 3.0)), (noisy, (3.0, 8.0, 20.0))):
+        imgs = [degrade(cat, s) for s in strengths]
+        perc = [perceptual_distance(cat, d) for d in imgs]
+        fd = [frechet_feature_distance([cat], [d]) for d in imgs]
+        assert 0 < perc[0] < perc[1] < perc[2] <= 4, (degrade.__name__, perc)
+        assert 0 < fd[0] < fd[1] < fd[2], (degrade.__name__, fd)
+
+
+def test_heavy_blur_is_further_than_light_jpeg(cat):
+    light = jpeg(cat, 85)
+    heavy = blurred(cat, 3.0)
+    assert perceptual_distance(cat, heavy) > 2 * perceptual_distance(cat, light)
+    assert frechet_feature_distance([cat], [heavy]) > 2 * frechet_feature_distance([cat], [light])
+
+
+def test_perceptual_distance_per_frame_and_layouts(cat):
+    video = np.stack([cat, cat, blurred(cat, 2.0)])
+    frames = perceptual_distance_per_frame(video, np.stack([cat, blurred(cat, 2.0), cat]))
+    assert frames[0] == 0.0 and frames[1] == pytest.approx(frames[2], rel=1e-3) and frames[1] > 0
+    chw = torch.from_numpy(cat.copy()).permute(2, 0, 1)
+    blur_chw = torch.from_numpy(blurred(cat, 2.0).copy()).permute(2, 0, 1)
+    assert perceptual_distance(chw, blur_chw) == pytest.approx(frames[1], rel=1e-5)
+
+
+def test_feature_distance_input_errors(cat):
+    with pytest.raises(ValueError, match="at least 32x32"):
+        perceptual_distance(cat[:20], cat[:20])
+    with pytest.raises(ValueError, match="uint8"):
+        perceptual_distance(cat.astype(np.float32), cat.astype(np.float32))
+    with pytest.raises(ValueError, match="shapes differ"):
+        perceptual_distance(cat, cat[:64])
+    with pytest.raises(ValueError, match="at least one image"):
+        frechet_feature_distance([], [cat])
