@@ -18,6 +18,14 @@ OPACITY_BIAS = 0.1
 FILTER_3D = 9e-4
 FILTER_2D = 0.1  # the renderer's hard-coded mip 2D filter (the YAML value is unused)
 
+# Frames a .ply can be written in. "z-up" is the pipeline's own frame (Blender / TRELLIS, the voxel
+# grid's axes). "y-down" is the convention of 3DGS .ply files: scenes trained from COLMAP cameras
+# have y pointing down, and splat viewers build it into their camera (gsplat.js, which Gradio's
+# Model3D uses for splats, projects world +y downwards). TRELLIS's export makes the same turn.
+# It is the glTF preview (+y up) turned 180 degrees about x: one object, two conventions.
+PLY_FRAMES = ("y-down", "z-up")
+Z_UP_TO_Y_DOWN = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])  # (x, -z, y)
+
 
 def inverse_softplus(x: float) -> float:
     """Inverse of softplus, ``x + log(-expm1(-x))``."""
@@ -115,22 +123,39 @@ class Gaussians:
             raw_rotation=None if self.raw_rotation is None else self.raw_rotation[index],
         )
 
-    def save_ply(self, path: str | Path, *, y_up: bool = False, f_rest: bool = False) -> Path:
+    def rotate(self, matrix: Tensor) -> Gaussians:
+        """The same Gaussians turned by a proper rotation ``[3, 3]`` (positions and orientations)."""
+        m = torch.as_tensor(matrix, dtype=torch.float64).cpu()
+        if m.shape != (3, 3):
+            raise ValueError(f"rotation must be 3x3, got {tuple(m.shape)}")
+        ortho = float((m @ m.T - torch.eye(3, dtype=m.dtype)).abs().max())
+        if ortho > 1e-5 or float(torch.linalg.det(m)) < 0:
+            raise ValueError(f"not a proper rotation (|R R^T - I| = {ortho:.2g}): {m.tolist()}")
+        q = matrix_quaternion(m)
+        return Gaussians(
+            self.xyz @ m.to(self.xyz).T,
+            self.features_dc,
+            self.scaling,
+            quaternion_multiply(q.to(self.rotation), self.rotation),
+            self.opacity,
+            raw_rotation=None
+            if self.raw_rotation is None
+            else quaternion_multiply(q.to(self.raw_rotation), self.raw_rotation),
+        )
+
+    def save_ply(self, path: str | Path, *, frame: str = "y-down", f_rest: bool = False) -> Path:
         """Write the standard 3DGS binary .ply (the official patched ``save_ply`` layout).
 
         Args:
-            y_up: apply (x, y, z) -> (x, -z, y) to positions and rotations, the original
-                TRELLIS export for Y-up viewers (AToken removed it; off by default).
+            frame: "y-down" (the 3DGS convention: splat viewers show the object upright, in the
+                pose of :func:`atoken.mesh.mesh_to_glb`'s preview) or "z-up" (as held).
             f_rest: add 45 zero ``f_rest_*`` fields for viewers that insist on SH degree 3.
         """
         path = Path(path)
-        xyz = self.xyz.detach().float().cpu()
-        rot = self.raw_rotation if self.raw_rotation is not None else self.rotation
+        out = self.rotate(_frame_rotation(frame))
+        xyz = out.xyz.detach().float().cpu()
+        rot = out.raw_rotation if out.raw_rotation is not None else out.rotation
         rot = rot.detach().float().cpu()
-        if y_up:
-            m = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
-            xyz = xyz @ m.T
-            rot = _rotate_quaternions(rot, m)
         opacity = self.opacity.detach().float().cpu().clamp(1e-7, 1 - 1e-7)
         cols = [
             ("x", xyz[:, 0]),
@@ -159,9 +184,12 @@ class Gaussians:
         return path
 
     @classmethod
-    def load_ply(cls, path: str | Path) -> Gaussians:
-        """Read a binary little-endian 3DGS .ply (float properties) written by us or others."""
+    def load_ply(cls, path: str | Path, *, frame: str = "y-down") -> Gaussians:
+        """Read a binary little-endian 3DGS .ply (float properties) written by us or others.
+
+        ``frame`` is the file's frame (see :meth:`save_ply`); the result is always Z up."""
         path = Path(path)
+        turn = _frame_rotation(frame)
         with open(path, "rb") as f:
             names, count = [], None
             first = f.readline().strip()
@@ -197,7 +225,7 @@ class Gaussians:
         if missing:
             raise ValueError(f"{path}: not a 3DGS .ply, missing properties {missing}")
         raw_rot = torch.stack([col[f"rot_{i}"] for i in range(4)], 1)
-        return cls(
+        out = cls(
             xyz=torch.stack([col["x"], col["y"], col["z"]], 1),
             features_dc=torch.stack([col[f"f_dc_{i}"] for i in range(3)], 1)[:, None],
             scaling=torch.exp(torch.stack([col[f"scale_{i}"] for i in range(3)], 1)),
@@ -205,18 +233,46 @@ class Gaussians:
             opacity=torch.sigmoid(col["opacity"])[:, None],
             raw_rotation=raw_rot,
         )
+        return out.rotate(turn.T)
 
 
-def _rotate_quaternions(q: Tensor, m: Tensor) -> Tensor:
-    """Compose unit quaternions (w, x, y, z) with the rotation matrix ``m`` (``m @ R(q)``)."""
-    # quaternion of m (proper rotation), via the trace method
-    w = math.sqrt(max(0.0, 1.0 + float(m[0, 0] + m[1, 1] + m[2, 2]))) / 2.0
-    x = float(m[2, 1] - m[1, 2]) / (4 * w)
-    y = float(m[0, 2] - m[2, 0]) / (4 * w)
-    z = float(m[1, 0] - m[0, 1]) / (4 * w)
-    a = torch.tensor([w, x, y, z], dtype=q.dtype)
-    aw, ax, ay, az = a
-    bw, bx, by, bz = q.unbind(-1)
+def _frame_rotation(frame: str) -> Tensor:
+    """Rotation from the pipeline's Z-up frame to ``frame`` (one of :data:`PLY_FRAMES`)."""
+    if frame not in PLY_FRAMES:
+        raise ValueError(f"frame must be one of {PLY_FRAMES}, got {frame!r}")
+    return Z_UP_TO_Y_DOWN.clone() if frame == "y-down" else torch.eye(3)
+
+
+def matrix_quaternion(m: Tensor) -> Tensor:
+    """Unit quaternion (w, x, y, z) of a proper rotation matrix, with w >= 0.
+
+    Shepperd's method: the largest of 4w^2, 4x^2, 4y^2, 4z^2 is the pivot, so 180-degree turns
+    (w = 0) are exact too."""
+    m = torch.as_tensor(m, dtype=torch.float64)
+    t = [
+        1 + m[0, 0] + m[1, 1] + m[2, 2],
+        1 + m[0, 0] - m[1, 1] - m[2, 2],
+        1 - m[0, 0] + m[1, 1] - m[2, 2],
+        1 - m[0, 0] - m[1, 1] + m[2, 2],
+    ]
+    k = int(torch.argmax(torch.stack(t)))
+    s = 2.0 * torch.sqrt(t[k])  # 4 times the pivot component
+    if k == 0:
+        q = [s / 4, (m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s]
+    elif k == 1:
+        q = [(m[2, 1] - m[1, 2]) / s, s / 4, (m[0, 1] + m[1, 0]) / s, (m[0, 2] + m[2, 0]) / s]
+    elif k == 2:
+        q = [(m[0, 2] - m[2, 0]) / s, (m[0, 1] + m[1, 0]) / s, s / 4, (m[1, 2] + m[2, 1]) / s]
+    else:
+        q = [(m[1, 0] - m[0, 1]) / s, (m[0, 2] + m[2, 0]) / s, (m[1, 2] + m[2, 1]) / s, s / 4]
+    q = torch.stack(q)
+    return -q if q[0] < 0 else q
+
+
+def quaternion_multiply(a: Tensor, b: Tensor) -> Tensor:
+    """Hamilton product ``a * b`` of quaternions (w, x, y, z); ``R(a * b) = R(a) @ R(b)``."""
+    aw, ax, ay, az = a.unbind(-1)
+    bw, bx, by, bz = b.unbind(-1)
     return torch.stack(
         [
             aw * bw - ax * bx - ay * by - az * bz,

@@ -302,7 +302,9 @@ def normalize_mesh(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
 
 
 def mesh_to_glb(mesh: trimesh.Trimesh, path: str | Path) -> Path:
-    """Write a .glb preview (turned back to glTF's Y up so viewers show it upright)."""
+    """Write a .glb preview (turned back to glTF's Y up so viewers show it upright).
+
+    ``Gaussians.save_ply`` writes the .ply splat of the same object in the pose of this preview."""
     path = Path(path)
     out = mesh.copy()
     out.apply_transform(np.linalg.inv(_Y_UP_TO_Z_UP))

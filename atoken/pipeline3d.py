@@ -138,6 +138,9 @@ def reconstruct_asset(
 ) -> AssetResult:
     """Mesh file -> Gaussians (.ply), an input .glb preview, optional turntable mp4, metrics.
 
+    The .ply (3DGS y-down convention) and the .glb (glTF's y up) hold the object in the same
+    normalised box and pose; ``AssetResult.gaussians`` stays in the pipeline's Z-up frame.
+
     ``mesh_path`` may also be a mesh already loaded with ``load_mesh`` (with its own limits)."""
     times: dict[str, float] = {}
     steps = 5 + bool(metrics) + bool(turntable)
@@ -169,7 +172,8 @@ def reconstruct_asset(
     (gaussians,) = gs_decoder(gs_input(rec))
     gaussians = gaussians.to("cpu")
     t = tick("gaussians", t)
-    gaussians.save_ply(out_ply)
+    # 3DGS's y-down convention: a splat viewer shows it in the pose a glTF viewer shows input_glb
+    gaussians.save_ply(out_ply, frame="y-down")
     t = tick("save", t)
     scores: dict[str, float] = {}
     if metrics:
