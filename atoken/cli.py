@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -248,9 +249,30 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from atoken.training import train_from_config
 
-    overrides = dict(kv.split("=", 1) for kv in args.set)
-    train_from_config(args.config, **overrides)
+    train_from_config(args.config, **parse_overrides(args.set))
     return 0
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> typed overrides: each value is read as YAML (``steps=5`` is the
+    int 5, ``lr=3e-4`` a float, ``freeze_encoder=true`` a bool, ``temporal_init=[-1,1]`` a
+    list), as it would be in the config file."""
+    import yaml
+
+    out = {}
+    for kv in pairs:
+        key, sep, value = kv.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"error: --set takes KEY=VALUE, got {kv!r}")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            raise SystemExit(f"error: --set {key}: cannot read {value!r}: {e}") from e
+        # PyYAML reads "3e-4" as a string (YAML 1.1 floats need a dot): take it as the number
+        if isinstance(parsed, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", parsed):
+            parsed = float(parsed)
+        out[key.strip()] = parsed
+    return out
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

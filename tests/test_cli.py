@@ -148,3 +148,32 @@ def test_the_default_work_budget_applies_and_can_be_lifted(tmp_path, capsys):
     tiny = tmp_path / "tiny.png"
     Image.new("RGB", (1100, 40)).save(tiny)  # 2 x 68 tokens: within the budget either way
     assert main(["reconstruct", str(tiny), str(out), "--no-budget", *TINY_C]) == 0
+
+
+def test_train_overrides_are_typed():
+    from atoken.cli import parse_overrides
+    from atoken.training import load_train_config
+
+    got = parse_overrides(
+        [
+            "steps=5",
+            "warmup_steps=0",
+            "lr=3e-4",
+            "freeze_encoder=true",
+            "name=probe",
+            "data.token_budget=64",
+        ]
+    )
+    assert got == {
+        "steps": 5,
+        "warmup_steps": 0,
+        "lr": 3e-4,
+        "freeze_encoder": True,
+        "name": "probe",
+        "data.token_budget": 64,
+    }
+    cfg = load_train_config(ROOT / "configs" / "train" / "stage1_image.yaml", **got)
+    assert cfg.steps == 5 and cfg.lr == 3e-4 and cfg.freeze_encoder is True  # no TypeError
+    assert cfg.data["token_budget"] == 64
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        parse_overrides(["steps"])
