@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import video_frames  # noqa: E402
 
 from atoken import data, training  # noqa: E402
+from atoken.evaluate import evaluate_folder  # noqa: E402
 from atoken.metrics import psnr, ssim  # noqa: E402
 
 # stage -> the stage it starts from
@@ -169,10 +170,13 @@ def evaluate(cont_path: Path, disc_path: Path, out: Path) -> dict:
 
         for name, img in photos.items():
             Image.fromarray(img).save(Path(tmp) / f"{name}.png")
+        # EfficientNet-Lite0 distances, PCA-48 fitted on these photos and codecs at the tokens' bits
         report["folder_eval"] = {
             name: {
                 k: v
-                for k, v in training.evaluate_folder(m, tmp, max_side=None).items()
+                for k, v in evaluate_folder(
+                    m, tmp, max_side=None, pca_components=48, codecs=True
+                ).items()
                 if k != "per_item"
             }
             for name, m in (("atoken-tiny", cont), ("atoken-tiny-d", disc))

@@ -27,6 +27,8 @@ def test_folder_with_images_video_and_a_small_image(tmp_path, tiny_c):
     res = evaluate_folder(tiny_c, tmp_path, pca_components=8, codecs=True)
     items = {p.rsplit("/", 1)[-1]: x for p, x in ((x["path"], x) for x in res["per_item"])}
     assert res["items"] == 3 and items["v.mp4"]["frames"] == 4
+    assert res["psnr"] == pytest.approx(np.mean([x["psnr"] for x in res["per_item"]]))
+    assert "rfid" not in res  # the random-feature Frechet distance is gone (issue 14)
     assert items["s.png"]["perceptual"] is None  # under 32 px: no feature metrics
     assert items["a.png"]["perceptual"] > 0 and res["frechet"] > 0
     known = [items[k]["perceptual"] for k in ("a.png", "v.mp4")]

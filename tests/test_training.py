@@ -483,29 +483,6 @@ def test_two_process_data_parallel(tmp_path):
     assert training.load_trained(Path(cfg["output_dir"]) / "model.safetensors") is not None
 
 
-def test_evaluate_folder(tmp_path):
-    from PIL import Image
-
-    from atoken.metrics import psnr
-
-    rng = np.random.default_rng(0)
-    imgs = []
-    for i in range(3):
-        a = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
-        Image.fromarray(a).save(tmp_path / f"{i}.png")
-        imgs.append(a)
-    model = ATokenModel(training.model_config(tiny_model(latent=8)))
-    training.init_weights(model)
-    res = training.evaluate_folder(model, tmp_path, pca_components=8)
-    assert res["items"] == 3 and math.isfinite(res["rfid"]) and res["rfid"] >= 0
-    pairs = training.reconstruct_arrays(model, imgs)
-    assert res["psnr"] == pytest.approx(np.mean([psnr(t, r) for t, r in pairs]))
-    assert res["per_item"][0]["frames"] == 1 and -1 <= res["ssim"] <= 1
-    assert res["pca_psnr"] > res["psnr"]  # an untrained model is worse than the PCA baseline
-    with pytest.raises(ValueError, match="not found"):
-        training.evaluate_folder(model, tmp_path / "nope")
-
-
 def test_shared_encoder_checkpoint_round_trip(tmp_path):
     cfg = training.model_config(tiny_model(48))
     base = ATokenModel(cfg)
