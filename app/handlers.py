@@ -28,8 +28,9 @@ from app import inputs
 from app.models import ModelManager, download_official
 from app.session import error_message, friendly, log, run_dir
 from app.uploads import upload_path
+from atoken import registry
 from atoken.budget import Budget, check_video_budget, image_header_size, plan_image
-from atoken.download import OFFICIAL_WEIGHTS, cached_path
+from atoken.download import cached_path
 from atoken.generation import edit_tokens, interpolate, posterior_variations, save_image_tokens
 from atoken.media import (
     MediaError,
@@ -261,7 +262,7 @@ def model_info(key: str) -> tuple[str, dict]:
     entry = _entry(key)
     text = f"`{key}`: {entry.note}"
     if entry.source == "official":
-        text += f"\n\nLicence: {OFFICIAL_WEIGHTS[key].licence}"
+        text += f"\n\nLicence: {registry.MODELS[key].licence}"
     can_download = (
         manager().policy.allow_downloads and entry.source == "official" and cached_path(key) is None
     )

@@ -18,33 +18,24 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from app.session import ServerBusy
+from atoken import registry
 from atoken.attention import attention_backend
-from atoken.checkpoint import load, load_gaussian_decoder, resolve_dtype
-from atoken.config import ATokenConfig, decoder_trunk, encoder_trunk
-from atoken.download import OFFICIAL_WEIGHTS, cached_path, download
+from atoken.checkpoint import load, resolve_dtype
+from atoken.download import cached_path, download
 from atoken.gs_decoder import GaussianDecoder
-from atoken.hub import BUNDLED, bundled_path, load_pretrained
+from atoken.hub import bundled_path, is_available, load_pretrained, load_pretrained_gs
 from atoken.model import ATokenModel
 from atoken.pipeline import reconstruct_image
 
-# Untrained stand-ins shaped like a small AToken whose pooled feature (384 dims) pairs with the
-# MiniLM text tower, so every tab runs end to end before the bundled checkpoint lands.
-RANDOM_C = ATokenConfig(
-    encoder=encoder_trunk(384, 2, 6, 768),
-    decoder=decoder_trunk(128, 2, 4, 256),
-    latent_channels=16,
-    text_tower="minilm",
-    name="random-tiny",
-)
-RANDOM_D = replace(RANDOM_C, latent_channels=48, use_quantizer=True, name="random-tiny-d")
-RANDOM = {"random-tiny": RANDOM_C, "random-tiny-d": RANDOM_D}
+RANDOM_C = registry.RANDOM_TINY  # untrained stand-ins (the model table's random entries)
+RANDOM = registry.names(source="random", role="autoencoder")
 CUSTOM = "custom"
 FILE_PREFIX = "file:"  # keys of checkpoints in the operator's --weights-dir
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
@@ -85,39 +76,26 @@ def weights_dir_files(folder: Path | None) -> dict[str, Path]:
 
 
 def entries(custom_path: str | None = None, weights_dir: Path | None = None) -> list[Entry]:
-    """Every model the panel lists, with whether it can be loaded now."""
+    """Every model the panel lists (the autoencoders of atoken.registry, then the operator's
+    files), with whether it can be loaded now."""
     out = []
-    for key in BUNDLED:
-        if key.endswith("-gs"):
-            continue
-        path = bundled_path(key)
-        out.append(
-            Entry(
-                key,
-                f"{key} (bundled)",
-                "bundled",
-                path is not None,
-                f"bundled with the app (assets/{BUNDLED[key]})"
-                if path
-                else f"missing: assets/{BUNDLED[key]} is not in this installation",
+    for key in registry.names(role="autoencoder"):
+        spec = registry.MODELS[key]
+        ok = is_available(key)
+        if spec.source == "bundled":
+            label = f"{key} (bundled)"
+            note = (
+                f"bundled with the app (assets/{spec.file})"
+                if ok
+                else f"missing: assets/{spec.file} is not in this installation"
             )
-        )
-    for key, info in OFFICIAL_WEIGHTS.items():
-        if key == "gs":
-            continue
-        path = cached_path(key)
-        note = "official weights, in this server's cache" if path else "not downloaded"
-        out.append(Entry(key, f"{key} (official)", "official", path is not None, note))
-    for key in RANDOM:
-        out.append(
-            Entry(
-                key,
-                f"{key} (untrained, random)",
-                "random",
-                True,
-                "untrained, random weights: shows how the app works, not what AToken does",
-            )
-        )
+        elif spec.source == "official":
+            label = f"{key} (official)"
+            note = "official weights, in this server's cache" if ok else "not downloaded"
+        else:
+            label = f"{key} (untrained, random)"
+            note = "untrained, random weights: shows how the app works, not what AToken does"
+        out.append(Entry(key, label, spec.source, ok, note))
     if custom_path:
         out.append(Entry(CUSTOM, f"custom: {Path(custom_path).name}", "path", True, custom_path))
     for key, path in weights_dir_files(weights_dir).items():
@@ -138,58 +116,37 @@ def default_key(custom_path: str | None = None) -> str:
 
 def sibling_key(key: str, discrete: bool) -> str | None:
     """The continuous or discrete counterpart of a model, if the family has one."""
-    families = [("atoken-tiny", "atoken-tiny-d"), ("random-tiny", "random-tiny-d")]
-    families += [(c, "so-d") for c in ("so-c", "so-c-s1", "so-c-s2")]
-    for c, d in families:
-        if key in (c, d):
-            return d if discrete else ("so-c" if key == "so-d" else c)
-    return None
+    return registry.sibling(key, discrete)
 
 
 def gs_key(key: str) -> str:
-    """Name of the Gaussian decoder that pairs with a model."""
-    if key.startswith("atoken-tiny"):
-        return "atoken-tiny-gs"
-    if key in OFFICIAL_WEIGHTS:
-        return "gs"
-    return "random-tiny-gs"
-
-
-def _random_model(key: str, device: str, dtype: torch.dtype) -> ATokenModel:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return load(None, RANDOM[key], device=device, dtype=dtype)
+    """Name of the Gaussian decoder that pairs with a model (atoken.registry's pairing); an
+    untrained one for the operator's own files and when the bundled atoken-tiny-gs is missing."""
+    name = registry.gaussian_decoder_for(key) or "random-tiny-gs"
+    if registry.MODELS[name].source == "bundled" and not is_available(name):
+        return "random-tiny-gs"
+    return name
 
 
 def build(
     key: str, device: str, dtype: torch.dtype, path: str | None = None, config: str | None = None
 ) -> ATokenModel:
     """Load one model by key (``custom`` and ``file:NAME`` use ``path``/``config``)."""
-    if key in RANDOM:
-        return _random_model(key, device, dtype)
     if key == CUSTOM or key.startswith(FILE_PREFIX):
         if not path:
             raise ValueError("give a checkpoint path for the custom model")
         if not Path(path).is_file():
             raise FileNotFoundError(f"checkpoint file not found: {Path(path).name}")
         return load(path, config or None, device=device, dtype=dtype)
-    model = load_pretrained(key, device=device, dtype=dtype)
-    assert isinstance(model, ATokenModel)
-    return model
+    return load_pretrained(key, device=device, dtype=dtype)
 
 
 def build_gs(key: str, device: str, dtype: torch.dtype) -> tuple[GaussianDecoder, str]:
     """The Gaussian decoder for a model key, and a note when it is untrained."""
     name = gs_key(key)
-    if name == "atoken-tiny-gs" and bundled_path(name) is None:
-        name = "random-tiny-gs"
-    if name == "random-tiny-gs":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            dec = load_gaussian_decoder(None, "tiny-gs", device=device, dtype=dtype)
-        return dec, "untrained random Gaussian decoder (tiny-gs)"
-    dec = load_pretrained(name, device=device, dtype=dtype)
-    assert isinstance(dec, GaussianDecoder)
+    dec = load_pretrained_gs(name, device=device, dtype=dtype)
+    if registry.MODELS[name].source == "random":
+        return dec, f"untrained random Gaussian decoder ({registry.MODELS[name].preset})"
     return dec, name
 
 
@@ -341,9 +298,10 @@ class ModelManager:
     def _estimate(self, key: str) -> int:
         """Bytes a model will take, from its file (0 when unknown)."""
         path = self._path(key)
-        if key in BUNDLED:
+        source = registry.MODELS[key].source if key in registry.MODELS else None
+        if source == "bundled":
             path = bundled_path(key)
-        elif key in OFFICIAL_WEIGHTS:
+        elif source == "official":
             path = cached_path(key)
         try:
             size = Path(path).stat().st_size if path else 0
@@ -416,19 +374,16 @@ class ModelManager:
         """The Gaussian decoder that pairs with a session's model (cached)."""
         key = key or self.key
         name = gs_key(key)
-        if name == "atoken-tiny-gs" and bundled_path(name) is None:
-            name = "random-tiny-gs"
-        note = "untrained random Gaussian decoder (tiny-gs)" if name == "random-tiny-gs" else name
         dtype = resolve_dtype(self.dtype_name)
+        if registry.MODELS[name].source == "random":
+            note = f"untrained random Gaussian decoder ({registry.MODELS[name].preset})"
+        else:
+            note = name
         dec = self.cache.get(f"gaussians:{name}", lambda: build_gs(key, self.device, dtype)[0])
         return dec, note
 
     def _loadable(self, key: str) -> bool:
-        if key in RANDOM:
-            return True
-        if key in BUNDLED:
-            return bundled_path(key) is not None
-        return key in OFFICIAL_WEIGHTS and cached_path(key) is not None
+        return key in registry.MODELS and is_available(key)
 
     def tag(self, discrete: bool, key: str | None = None) -> str:
         """Identifies results: latents from one tag can be reused only under the same tag."""
@@ -482,8 +437,7 @@ class ModelManager:
 
 def download_official(key: str, callback: Callable[[int, int | None], None] | None = None) -> Path:
     """Fetch official weights into the cache (resumable, verified)."""
-    if key not in OFFICIAL_WEIGHTS:
-        raise ValueError(
-            f"{key!r} is not an official checkpoint; choose one of {list(OFFICIAL_WEIGHTS)}"
-        )
+    official = registry.names(source="official")
+    if key not in official:
+        raise ValueError(f"{key!r} is not an official checkpoint; choose one of {official}")
     return download(key, progress=False, callback=callback)

@@ -6,7 +6,7 @@ from atoken.checkpoint import load, load_gaussian_decoder, save_checkpoint
 from atoken.config import PRESETS, ATokenConfig, GSDecoderConfig, config_from_yaml
 from atoken.gaussians import Gaussians
 from atoken.gs_decoder import GaussianDecoder
-from atoken.hub import available_models, load_pretrained
+from atoken.hub import available_models, load_pretrained, load_pretrained_gs
 from atoken.model import ATokenModel, Encoded
 from atoken.multiview import pack_views
 from atoken.patchify import detokenize, to_model_range, to_uint8, tokenize, tokenize_3d
@@ -33,6 +33,7 @@ __all__ = [
     "load",
     "load_gaussian_decoder",
     "load_pretrained",
+    "load_pretrained_gs",
     "load_text_tower",
     "orbit_cameras",
     "pack_views",

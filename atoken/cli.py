@@ -11,9 +11,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from atoken import registry
 from atoken.attention import BACKENDS, attention_backend
 from atoken.checkpoint import load, load_gaussian_decoder
-from atoken.hub import MODEL_NAMES, available_models, bundled_path, load_pretrained
+from atoken.hub import (
+    MODEL_NAMES,
+    available_models,
+    bundled_path,
+    load_pretrained,
+    load_pretrained_gs,
+)
 from atoken.media import MediaError, kind_of
 
 DEFAULT_MODEL = "atoken-tiny"
@@ -28,7 +35,9 @@ def add_model_args(p: argparse.ArgumentParser, *, gs: bool = False) -> None:
     """Options choosing the model, device, dtype and attention backend."""
     g = p.add_argument_group("model")
     g.add_argument(
-        "--model", default=None, help=f"model name {MODEL_NAMES} (default: bundled atoken-tiny)"
+        "--model",
+        default=None,
+        help=f"model name {registry.names(role='autoencoder')} (default: bundled atoken-tiny)",
     )
     g.add_argument("--weights", default=None, help="checkpoint path (.pt / .safetensors)")
     g.add_argument(
@@ -42,7 +51,7 @@ def add_model_args(p: argparse.ArgumentParser, *, gs: bool = False) -> None:
         g.add_argument("--gs-config", default=None, help="Gaussian decoder preset or YAML")
 
 
-def build_model(args: argparse.Namespace):
+def load_model(args: argparse.Namespace):
     """The autoencoder the options describe."""
     if args.weights:
         return load(args.weights, args.config, device=args.device, dtype=args.dtype)
@@ -50,15 +59,14 @@ def build_model(args: argparse.Namespace):
     return load_pretrained(name, device=args.device, dtype=args.dtype)
 
 
-def build_gs_decoder(args: argparse.Namespace):
-    """The Gaussian decoder paired with the chosen model."""
+def load_gs_decoder(args: argparse.Namespace):
+    """The Gaussian decoder paired with the chosen model (atoken.registry's pairing)."""
     if args.gs_weights:
         return load_gaussian_decoder(
             args.gs_weights, args.gs_config, device=args.device, dtype=args.dtype
         )
     name = args.model or default_model_name()
-    gs_name = "atoken-tiny-gs" if name.startswith("atoken-tiny") else "gs"
-    return load_pretrained(gs_name, device=args.device, dtype=args.dtype)
+    return load_pretrained_gs(name, device=args.device, dtype=args.dtype)
 
 
 class Bar:
@@ -135,7 +143,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     kind = kind_of(args.input)
     apply_budget(args)
-    model = build_model(args)
+    model = load_model(args)
     if kind == "image":
         res = reconstruct_image(
             model, args.input, max_side=args.max_side, mode=args.mode, seed=args.seed
@@ -172,7 +180,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     else:
         from atoken.pipeline3d import reconstruct_asset
 
-        gs = build_gs_decoder(args)
+        gs = load_gs_decoder(args)
         res = reconstruct_asset(
             model,
             gs,
@@ -194,7 +202,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from atoken.pipeline import encode_file
 
     apply_budget(args)
-    model = build_model(args)
+    model = load_model(args)
     bar = Bar("encode")
     try:
         out = encode_file(
@@ -223,7 +231,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         name = json.loads(meta.get("model", "{}")).get("name", "")
         if name in MODEL_NAMES:
             args.model = name
-    model = build_model(args)
+    model = load_model(args)
     bar = Bar("decode")
     try:
         out = decode_file(model, args.tokens, args.output, progress=bar)
@@ -236,7 +244,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     from atoken.zeroshot import classify_file, parse_labels
 
-    model = build_model(args)
+    model = load_model(args)
     probs = classify_file(model, args.input, parse_labels(args.labels))
     if args.json:
         print(json.dumps(probs))
@@ -278,7 +286,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 def cmd_eval(args: argparse.Namespace) -> int:
     from atoken.evaluate import evaluate_folder
 
-    model = build_model(args)
+    model = load_model(args)
     report = evaluate_folder(
         model,
         args.folder,

@@ -31,6 +31,8 @@ from typing import NamedTuple
 
 from tqdm import tqdm
 
+from atoken.registry import MODELS
+
 __all__ = [
     "DEFAULT_BASE_URL",
     "OFFICIAL_WEIGHTS",
@@ -47,11 +49,6 @@ log = logging.getLogger(__name__)
 
 # From the official README; unverified from here (no internet access on our machines).
 DEFAULT_BASE_URL = "https://ml-site.cdn-apple.com/models/atoken/"
-
-LICENCE_NOTE = (
-    "Apple research-only model licence: non-commercial research use; read the licence shipped "
-    "with the official release before using these weights"
-)
 
 # A lock not touched for this long is considered abandoned (the owner refreshes it while it
 # streams, so this bounds how long a crashed download blocks the next one).
@@ -70,13 +67,11 @@ class WeightsInfo(NamedTuple):
     sha256: str | None = None
 
 
-# Sizes and hashes are unknown until someone downloads the files; fill them in then.
+# The official files, from the model table (sizes and hashes are filled in there once known).
 OFFICIAL_WEIGHTS: dict[str, WeightsInfo] = {
-    "so-c": WeightsInfo("atoken-soc.pt", "so-c", LICENCE_NOTE),
-    "so-d": WeightsInfo("atoken-sod.pt", "so-d", LICENCE_NOTE),
-    "so-c-s1": WeightsInfo("atoken-soc-s1.pt", "so-c-s1", LICENCE_NOTE),
-    "so-c-s2": WeightsInfo("atoken-soc-s2.pt", "so-c", LICENCE_NOTE),
-    "gs": WeightsInfo("3d_decode_gs.pt", "gs", LICENCE_NOTE),
+    s.name: WeightsInfo(s.file, s.preset, s.licence, s.size, s.sha256)
+    for s in MODELS.values()
+    if s.source == "official"
 }
 
 

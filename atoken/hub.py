@@ -1,5 +1,6 @@
 """Models by name: the bundled checkpoints (``assets/`` of a checkout, ``atoken/_bundled/`` of an
-installed wheel) and the official weights in the cache."""
+installed wheel), the official weights in the cache, and the untrained random stand-ins. Which
+names exist and what goes with what is :mod:`atoken.registry`'s table."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from pathlib import Path
 
 import torch
 
+from atoken import registry
 from atoken.checkpoint import load, load_gaussian_decoder
-from atoken.download import OFFICIAL_WEIGHTS, cache_dir, cached_path, download
+from atoken.download import cache_dir, cached_path, download
 from atoken.gs_decoder import GaussianDecoder
 from atoken.model import ATokenModel
 
@@ -26,13 +28,9 @@ def _assets_dir() -> Path:
 
 
 ASSETS = _assets_dir()
-# Our own checkpoints (trained with atoken.training; the config lives in the file's metadata).
-BUNDLED: dict[str, str] = {
-    "atoken-tiny": "atoken-tiny.safetensors",
-    "atoken-tiny-d": "atoken-tiny-d.safetensors",
-    "atoken-tiny-gs": "atoken-tiny-gs.safetensors",
-}
-MODEL_NAMES = [*BUNDLED, *OFFICIAL_WEIGHTS]
+# Our own checkpoints by name -> file in ASSETS (config in the file's metadata).
+BUNDLED: dict[str, str] = {n: registry.MODELS[n].file for n in registry.names(source="bundled")}
+MODEL_NAMES = list(registry.PRETRAINED)
 
 
 def bundled_path(name: str) -> Path | None:
@@ -45,24 +43,49 @@ def locate(
     name: str, *, download_missing: bool = False, progress: bool = True, callback=None
 ) -> Path:
     """Local file of a named model; downloads official weights only when asked."""
-    if name in BUNDLED:
+    spec = registry.spec(name)
+    if spec.source == "bundled":
         path = bundled_path(name)
         if path is None:
-            raise FileNotFoundError(f"bundled checkpoint {BUNDLED[name]} is missing from {ASSETS}")
+            raise FileNotFoundError(f"bundled checkpoint {spec.file} is missing from {ASSETS}")
         return path
-    if name not in OFFICIAL_WEIGHTS:
-        raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
+    if spec.source != "official":
+        raise ValueError(f"{name} is an untrained random model with no file; use build({name!r})")
     path = cached_path(name)
     if path is not None:
         return path
     if not download_missing:
         raise FileNotFoundError(
-            f"official weights {OFFICIAL_WEIGHTS[name].filename} are not in the cache "
-            f"{cache_dir()}; call load_pretrained({name!r}, download=True), run "
-            f"`python -m atoken download {name}`, or pass --weights PATH "
-            f"(licence: {OFFICIAL_WEIGHTS[name].licence})"
+            f"official weights {spec.file} are not in the cache {cache_dir()}; call "
+            f"load_pretrained({name!r}, download=True), run `python -m atoken download {name}`, "
+            f"or pass --weights PATH (licence: {spec.licence})"
         )
     return download(name, progress=progress, callback=callback)
+
+
+def is_available(name: str) -> bool:
+    """True when a named model can be loaded now without a download."""
+    spec = registry.spec(name)
+    if spec.source == "random":
+        return True
+    if spec.source == "bundled":
+        return bundled_path(name) is not None
+    return cached_path(name) is not None
+
+
+def _expect(name: str, role: str, loader: str) -> registry.ModelSpec:
+    spec = registry.spec(name)
+    if spec.role != role:
+        raise ValueError(f"{name} is a {spec.role}; load it with atoken.{loader}({name!r})")
+    return spec
+
+
+def _random(spec: registry.ModelSpec, device, dtype):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(registry.RANDOM_SEED)
+        if spec.role == "gaussian-decoder":
+            return load_gaussian_decoder(None, spec.preset, device=device, dtype=dtype)
+        return load(None, spec.preset, device=device, dtype=dtype)
 
 
 def load_pretrained(
@@ -70,24 +93,44 @@ def load_pretrained(
     download: bool = False,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
-) -> ATokenModel | GaussianDecoder:
-    """A model by name: ``so-c``, ``so-d``, ``so-c-s1``, ``so-c-s2``, ``gs`` (official, from the
-    cache or downloaded when ``download=True``) or a bundled ``atoken-tiny*`` checkpoint."""
-    path = locate(name, download_missing=download)
-    if name == "gs" or name.endswith("-gs"):
-        config = OFFICIAL_WEIGHTS[name].preset if name in OFFICIAL_WEIGHTS else None
-        return load_gaussian_decoder(path, config, device=device, dtype=dtype)
-    config = OFFICIAL_WEIGHTS[name].preset if name in OFFICIAL_WEIGHTS else None
-    return load(path, config, device=device, dtype=dtype)
+) -> ATokenModel:
+    """An autoencoder by name: ``so-c``, ``so-d``, ``so-c-s1``, ``so-c-s2`` (official, from the
+    cache or downloaded when ``download=True``), the bundled ``atoken-tiny`` / ``atoken-tiny-d``,
+    or an untrained ``random-tiny`` / ``random-tiny-d`` (fixed seed)."""
+    spec = _expect(name, "autoencoder", "load_pretrained_gs")
+    if spec.source == "random":
+        return _random(spec, device, dtype)
+    return load(locate(name, download_missing=download), spec.preset, device=device, dtype=dtype)
+
+
+def load_pretrained_gs(
+    name: str,
+    download: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+) -> GaussianDecoder:
+    """A 3D Gaussian decoder by its own name (``gs``, ``atoken-tiny-gs``, ``random-tiny-gs``) or
+    by the name of the autoencoder it pairs with (``so-c`` gives ``gs``)."""
+    spec = registry.spec(name)
+    if spec.role == "autoencoder":
+        if spec.gaussian_decoder is None:
+            raise ValueError(f"{name} has no Gaussian decoder")
+        spec = registry.spec(spec.gaussian_decoder)
+    if spec.source == "random":
+        return _random(spec, device, dtype)
+    path = locate(spec.name, download_missing=download)
+    return load_gaussian_decoder(path, spec.preset, device=device, dtype=dtype)
 
 
 def available_models() -> dict[str, str]:
-    """Every known name with where it would load from (or why it cannot)."""
+    """Every named model with a file, with where it would load from (or why it cannot)."""
     out = {}
-    for name in BUNDLED:
-        p = bundled_path(name)
-        out[name] = str(p) if p else "missing from assets/"
-    for name, info in OFFICIAL_WEIGHTS.items():
-        p = cached_path(name)
-        out[name] = str(p) if p else f"not downloaded ({info.filename})"
+    for name in registry.PRETRAINED:
+        spec = registry.MODELS[name]
+        if spec.source == "bundled":
+            p = bundled_path(name)
+            out[name] = str(p) if p else "missing from assets/"
+        else:
+            p = cached_path(name)
+            out[name] = str(p) if p else f"not downloaded ({spec.file})"
     return out

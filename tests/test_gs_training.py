@@ -34,7 +34,7 @@ from atoken.gs_training import (
     training_attention,
     voxel_colours,
 )
-from atoken.hub import bundled_path, load_pretrained
+from atoken.hub import bundled_path, load_pretrained_gs
 from atoken.rasterize import render_gaussians
 from atoken.sparse import SparseTensor
 
@@ -332,7 +332,7 @@ def test_bundled_tiny_gs_decodes_to_standard_ply(tmp_path):
     assert path is not None, "assets/atoken-tiny-gs.safetensors is missing"
     dec = atoken.load_gaussian_decoder(path, None)
     assert dec.config.name == "atoken-tiny-gs"
-    assert isinstance(load_pretrained("atoken-tiny-gs"), GaussianDecoder)
+    assert isinstance(load_pretrained_gs("atoken-tiny-gs"), GaussianDecoder)
     x = small_voxels()
     with torch.no_grad():
         (gs,) = dec(x)

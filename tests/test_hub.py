@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 import atoken
-from atoken.hub import available_models, load_pretrained, locate
+from atoken import registry
+from atoken.hub import available_models, load_pretrained, load_pretrained_gs, locate
 
 from .conftest import GOLDEN
 
@@ -40,8 +41,36 @@ def test_download_flag_uses_the_downloader(tmp_path, monkeypatch):
 
     monkeypatch.setattr("atoken.hub.download", fake_download)
     monkeypatch.setitem(atoken.config.PRESETS, "gs", atoken.config.PRESETS["tiny-gs"])
-    gs = load_pretrained("gs", download=True)
+    gs = load_pretrained_gs("so-c", download=True)  # the decoder paired with So/C
     assert calls == ["gs"] and isinstance(gs, atoken.GaussianDecoder)
+
+
+def test_one_table_says_what_goes_together():
+    assert registry.sibling("atoken-tiny", True) == "atoken-tiny-d"
+    assert registry.sibling("atoken-tiny-d", False) == "atoken-tiny"
+    assert registry.sibling("so-c-s1", True) == "so-d" and registry.sibling("so-d", False) == "so-c"
+    assert registry.gaussian_decoder_for("so-c-s2") == "gs"
+    assert registry.gaussian_decoder_for("atoken-tiny-d") == "atoken-tiny-gs"
+    # every sibling and pairing names an entry of the right role
+    for spec in registry.MODELS.values():
+        for other in (spec.continuous, spec.discrete):
+            assert other is None or registry.MODELS[other].role == "autoencoder"
+        if spec.gaussian_decoder:
+            assert registry.MODELS[spec.gaussian_decoder].role == "gaussian-decoder"
+    # the downloader's file list is the table's official entries
+    assert atoken.download.OFFICIAL_WEIGHTS["so-c-s2"].filename == "atoken-soc-s2.pt"
+    assert set(atoken.download.OFFICIAL_WEIGHTS) == set(registry.names(source="official"))
+
+
+def test_each_loader_returns_one_kind():
+    with pytest.raises(ValueError, match="load_pretrained_gs"):
+        load_pretrained("atoken-tiny-gs")
+    with pytest.raises(ValueError, match="unknown model"):
+        load_pretrained_gs("so-x")
+    a, b = load_pretrained("random-tiny"), load_pretrained("random-tiny")
+    assert isinstance(a, atoken.ATokenModel) and a.config.name == "random-tiny"
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # fixed seed
+    assert isinstance(load_pretrained_gs("random-tiny"), atoken.GaussianDecoder)
 
 
 def test_unknown_and_missing_bundled(monkeypatch, tmp_path):
