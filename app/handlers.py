@@ -30,6 +30,7 @@ from app.session import error_message, friendly, log, run_dir
 from app.uploads import upload_path
 from atoken import registry
 from atoken.budget import Budget, check_video_budget, image_header_size, plan_image
+from atoken.codecs import compare_codecs, encode_image
 from atoken.download import cached_path
 from atoken.generation import edit_tokens, interpolate, posterior_variations, save_image_tokens
 from atoken.media import (
@@ -43,10 +44,11 @@ from atoken.media import (
 )
 from atoken.mesh import MeshError, load_mesh, mesh_to_glb
 from atoken.mesh_count import count_mesh_elements
-from atoken.metrics import error_heatmap, psnr
+from atoken.metrics import MIN_SIDE, effnet_taps, error_heatmap, perceptual_distance, psnr
 from atoken.model import ATokenModel, Encoded
 from atoken.patchify import to_model_range
 from atoken.pipeline import VideoLimits, check_video, reconstruct_image, reconstruct_video
+from atoken.rate import token_rate
 from atoken.sparse import SparseTensor
 from atoken.visualize import (
     channel_maps,
@@ -57,6 +59,7 @@ from atoken.visualize import (
     pca_scatter_figure,
     pooled_figure,
     psnr_figure,
+    rate_distortion_figure,
     value_histogram_figure,
 )
 from atoken.zeroshot import (
@@ -88,11 +91,19 @@ LABEL_PRESETS = {
     "yellow star, purple hexagon, orange cross, white heart, black ring",
 }
 SIGMOID_NONE = 0.1  # below this, no label of a sigmoid score fits
+PERCEPTUAL_MEANS = (
+    "EfficientNet-Lite0 feature distance (ImageNet-trained network, five layers, LPIPS-style "
+    "but without learned weights, so not comparable with LPIPS numbers): 0 = the same "
+    "features, lower is closer; images under 32 px get none"
+)
+VIDEO_PERCEPTUAL_FRAMES = 32  # the video tab scores at most this many evenly spaced frames
+CODEC_QUALITIES = (10, 30, 50, 70, 90)  # the rate-distortion curve of each codec
+CODEC_EXT = {"jpeg": "jpg", "webp": "webp", "avif": "avif"}
 TINY_ZERO_SHOT = (
     "`{key}` learnt zero-shot only on the project's generated world: 8 flat shapes and 5 solid "
-    "primitives in 8 colours (\"a red striped star\"). It gets the colour of such pictures right "
+    'primitives in 8 colours ("a red striped star"). It gets the colour of such pictures right '
     "almost always and the shape about a third of the time; on real photos its labels are "
-    "guesses. Official weights (or the \"generated world\" preset on a world picture) show what "
+    'guesses. Official weights (or the "generated world" preset on a world picture) show what '
     "zero-shot classification can do."
 )
 
@@ -403,6 +414,8 @@ def reconstruct_image_handler(
         res = reconstruct_image(
             model, image, max_side=plan.max_side, mode=mode, seed=seed, temperature=temperature
         )
+        seen = min(res.original.shape[:2]) >= MIN_SIDE
+        dist = perceptual_distance(res.original, res.reconstruction, model.device) if seen else None
     out = run_dir(request, "image")
     files = [
         write_image(out / "reconstruction.png", res.reconstruction),
@@ -411,6 +424,8 @@ def reconstruct_image_handler(
     ]
     metrics = {
         **res.metrics(),
+        "perceptual": dist,
+        "perceptual_means": PERCEPTUAL_MEANS,
         "grid": list(res.grid),
         "latent_shape": list(res.latent.feats.shape),
         "mode": res.mode,
@@ -421,6 +436,7 @@ def reconstruct_image_handler(
         metrics["note"] = plan.note
     heat = error_heatmap(res.original, res.reconstruction, data_range=255)
     state = image_state(res, model, manager().tag(discrete, model_key), plan.max_side)
+    state["metrics"] = {k: metrics[k] for k in ("psnr", "ssim", "perceptual")}
     return (
         (res.original, res.reconstruction),
         heat,
@@ -487,6 +503,73 @@ def after_image(state: dict | None):
         else f"Token editing needs discrete tokens: reconstruct with '{DISCRETE}' selected.",
         posterior_note(state),
     )
+
+
+def _codec_row(name: str, bpp: float, psnr_db: float, ssim_v, dist, extra: str = "") -> str:
+    def num(v, f: str) -> str:
+        return "n/a" if v is None else ("inf" if not math.isfinite(v) else format(v, f))
+
+    return (
+        f"| {name} | {bpp:.3f} | {num(psnr_db, '.2f')} | {num(ssim_v, '.3f')} | "
+        f"{num(dist, '.3f')} | {extra} |"
+    )
+
+
+@spaces.GPU(duration=60)
+@friendly
+def compare_codecs_handler(
+    state: dict | None, model_key: str | None = None, request: gr.Request = None
+):
+    """The last image against JPEG / WebP / AVIF at the tokens' bits: pictures with their
+    numbers, a table, a rate-distortion plot and the codec files."""
+    model = _model_of(state, model_key, "image reconstruction")
+    original, rec = state["original"], state["reconstruction"]
+    if min(original.shape[:2]) < MIN_SIDE:
+        raise gr.Error(f"The codec comparison needs an image of at least {MIN_SIDE} px per side.")
+    latent = SparseTensor(torch.from_numpy(state["latent"]), torch.from_numpy(state["coords"]))
+    with manager().running():
+        rate = token_rate(model, latent, original, rec, fsq=state["discrete"])
+        ref = effnet_taps(original, model.device)
+        cmp = compare_codecs(
+            original, rate.bits, qualities=CODEC_QUALITIES, reference_taps=ref, device=model.device
+        )
+    mine = state["metrics"]
+    out = run_dir(request, "codecs")
+    gallery = [(str(write_image(out / "tokens.png", rec)), f"tokens: {rate.bpp:.3f} bpp")]
+    row = _codec_row("tokens", rate.bpp, mine["psnr"], mine["ssim"], mine["perceptual"], rate.kind)
+    rows, files = [row], []
+    for name, p in cmp.at_budget.items():
+        data, _ = encode_image(original, name, p.quality)
+        files.append(out / f"{name}_q{p.quality}.{CODEC_EXT[name]}")
+        files[-1].write_bytes(data)
+        shown = f"{name.upper()} q{p.quality}: {p.bpp:.3f} bpp, {p.psnr:.2f} dB"
+        gallery.append((str(write_image(out / f"{name}.png", p.decoded)), shown))
+        extra = f"quality {p.quality}" + ("" if p.fits else ": its smallest file is larger")
+        rows.append(_codec_row(name.upper(), p.bpp, p.psnr, p.ssim, p.perceptual, extra))
+    lines = [
+        f"**How the tokens' bits are counted:** {rate.explanation()}",
+        "",
+        "| | bits per pixel | PSNR (dB) | SSIM | perceptual distance | |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
+    lines += [f"\n**{n.upper()} is missing:** {why}." for n, why in cmp.missing.items()]
+    points = {
+        f"tokens ({rate.kind}, counted bits)": (rate.bpp, mine["psnr"] - (rate.psnr_drop or 0))
+    }
+    if rate.stored_bits != rate.bits:
+        points[f"tokens as stored ({rate.precision})"] = (rate.stored_bpp, mine["psnr"])
+    fig = rate_distortion_figure(
+        {n: [(p.bpp, p.psnr) for p in pts] for n, pts in cmp.curves.items()},
+        {n: (p.bpp, p.psnr) for n, p in cmp.at_budget.items()},
+        points,
+    )
+    return gallery, "\n".join(lines), fig, [str(f) for f in files]
+
+
+def codecs_stale() -> tuple:
+    """Empty the codec panel when a new reconstruction starts (its numbers were for the last)."""
+    return None, "Press the button to compare this reconstruction with the codecs.", None, None
 
 
 # -- video tab ------------------------------------------------------------------------------
@@ -599,11 +682,17 @@ def reconstruct_video_handler(
             max_frames=frames,
             mode=mode,
             limits=LIMITS.video,
+            perceptual_frames=VIDEO_PERCEPTUAL_FRAMES,
             progress=lambda done, total, msg: progress((done, total), desc=msg, unit="frames"),
         )
     note = coverage_note(info.num_frames, info.fps, stride, res.num_frames)
+    scored = [i for i, _ in res.perceptual_per_frame]
     metrics = {
         "psnr_mean": res.mean_psnr,
+        "perceptual_mean": res.mean_perceptual,
+        "perceptual_frames": f"{len(scored)} of {res.num_frames} frames scored"
+        + (f", one in every {scored[1] - scored[0]}" if len(scored) > 1 else ""),
+        "perceptual_means": PERCEPTUAL_MEANS + "; here the mean over the scored frames",
         "frames": res.num_frames,
         "fps": res.fps,
         "size": list(res.size),

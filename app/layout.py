@@ -130,6 +130,29 @@ def _image_tab(max_side_limit: int) -> dict:
             file_count="multiple",
             elem_id="image-files",
         )
+    with gr.Accordion(
+        "Against JPEG / WebP / AVIF at the same bits", open=False, elem_id="codec-panel"
+    ):
+        gr.Markdown(
+            "Each codec (through Pillow) encodes the model input at the largest quality whose "
+            "file fits the bits of this image's tokens; its curve is a sweep of qualities. "
+            "A few seconds on a CPU."
+        )
+        codec_run = gr.Button("Compare with JPEG / WebP / AVIF", elem_id="codec-run")
+        codec_table = gr.Markdown(
+            "Reconstruct an image, then press the button.", elem_id="codec-table"
+        )
+        codec_gallery = gr.Gallery(
+            label="Tokens | JPEG | WebP | AVIF at the same bits",
+            format=PNG,
+            columns=4,
+            elem_id="codec-gallery",
+        )
+        with gr.Row():
+            codec_plot = gr.Plot(label="Rate-distortion", elem_id="codec-plot")
+            codec_files = gr.File(
+                label="The codec files", file_count="multiple", elem_id="codec-files"
+            )
     gr.Markdown("## Latent view")
     with gr.Accordion("How to read this", open=False):
         gr.Markdown(HOW_TO_READ)
@@ -394,6 +417,15 @@ def _wire(demo, status, model_st, im, vi, a3, zs, ge, image_st, video_st, asset_
             **private,
             **raw,
         )
+    codec_outputs = [im["codec_gallery"], im["codec_table"], im["codec_plot"], im["codec_files"]]
+    im["run"].click(h.codecs_stale, None, codec_outputs, **private)
+    im["codec_run"].click(
+        h.compare_codecs_handler,
+        [image_st, model_st],
+        codec_outputs,
+        api_name="compare_codecs",
+        **gpu,
+    )
     im["run"].click(
         h.reconstruct_image_handler,
         [

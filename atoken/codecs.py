@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -261,18 +262,29 @@ def compare_codecs(
     ref = None
     if perceptual:
         ref = reference_taps if reference_taps is not None else effnet_taps(img, device)
-    at_budget, curves = {}, {}
-    for name in codecs:
-        if name in missing:
-            continue
+
+    def one(name: str) -> tuple[list[CodecPoint], CodecPoint]:
         enc = _Encoder(img, name)
+        curve = []
         if qualities:
             qs = sorted({min(enc.hi, max(enc.lo, int(q))) for q in qualities})
-            curves[name] = sorted(
-                (_point(enc, q, with_ssim=False) for q in qs), key=lambda p: p.bits
-            )
+            curve = sorted((_point(enc, q, with_ssim=False) for q in qs), key=lambda p: p.bits)
         quality, fits = enc.search(float(budget_bits))
-        at_budget[name] = _point(enc, quality, fits=fits, reference_taps=ref, device=device)
+        return curve, _point(enc, quality, fits=fits)
+
+    names = [n for n in codecs if n not in missing]
+    # one thread per codec: Pillow's encoders and decoders release the GIL while they work
+    with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+        results = dict(zip(names, pool.map(one, names)))
+    at_budget = {n: point for n, (_, point) in results.items()}
+    curves = {n: curve for n, (curve, _) in results.items() if qualities}
+    if ref is not None and at_budget:
+        # one network pass over the codecs' decodes together (cheaper than one pass each)
+        points = list(at_budget.values())
+        taps = effnet_taps(np.stack([p.decoded for p in points]), device)
+        ref_all = [t.expand(len(points), *t.shape[1:]) for t in ref]
+        for p, d in zip(points, perceptual_distance_from_taps(ref_all, taps)):
+            p.perceptual = d
     return CodecComparison(
         float(budget_bits), img.shape[0] * img.shape[1], at_budget, curves, missing
     )

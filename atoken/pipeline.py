@@ -30,7 +30,7 @@ from atoken.media import (
     probe_video,
     side_by_side,
 )
-from atoken.metrics import compression_ratio, psnr, ssim
+from atoken.metrics import MIN_SIDE, compression_ratio, perceptual_distance_per_frame, psnr, ssim
 from atoken.model import ATokenModel, Encoded
 from atoken.patchify import detokenize, to_model_range, to_uint8, tokenize
 from atoken.sparse import SparseTensor
@@ -136,6 +136,8 @@ class VideoResult:
     pooled: Tensor  # [1, C]
     files: dict[str, Path] = field(default_factory=dict)
     num_tokens: int = 0
+    # (frame index, EfficientNet-Lite0 perceptual distance) of the frames scored
+    perceptual_per_frame: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def mean_psnr(self) -> float:
@@ -143,10 +145,14 @@ class VideoResult:
         vals = [v for v in self.psnr_per_frame if math.isfinite(v)]
         return float(np.mean(vals)) if vals else float("inf")
 
+    @property
+    def mean_perceptual(self) -> float | None:
+        """Mean perceptual distance of the scored frames (None when none was scored)."""
+        vals = [v for _, v in self.perceptual_per_frame]
+        return float(np.mean(vals)) if vals else None
 
-def chunk_frames(
-    frames: Iterable[np.ndarray], size: int
-) -> Iterator[tuple[np.ndarray, int]]:
+
+def chunk_frames(frames: Iterable[np.ndarray], size: int) -> Iterator[tuple[np.ndarray, int]]:
     """Group frames into ``(clip, real)`` of ``size`` frames (``size`` a multiple of 4).
 
     The last clip is padded up to a multiple of 4 by repeating its last frame; ``real`` says how
@@ -235,12 +241,16 @@ def reconstruct_video(
     write_original: bool = True,
     write_side_by_side: bool = True,
     write_latent_pca: bool = True,
+    perceptual_frames: int = 0,
     progress: Progress | None = None,
 ) -> VideoResult:
     """Stream a video through the model chunk by chunk, writing mp4s into ``out_dir``.
 
     Files: ``reconstruction.mp4`` always; ``original.mp4`` (the cropped input the model saw),
     ``side_by_side.mp4`` and ``latent_pca.mp4`` (one PCA frame per input frame) when asked.
+    ``perceptual_frames``: score at most this many evenly spaced frames (every
+    ``ceil(frames / perceptual_frames)``-th, from the first) with
+    `atoken.metrics.perceptual_distance` (0: none; frames under 32 px are never scored).
     """
     info = check_video(path, limits, stride=stride, max_side=max_side, max_frames=max_frames)
     total = math.ceil(info.num_frames / stride)
@@ -257,6 +267,8 @@ def reconstruct_video(
     if write_latent_pca:
         writers["latent_pca"] = VideoWriter(out_dir / "latent_pca.mp4", fps)
     psnrs: list[float] = []
+    perceptual: list[tuple[int, float]] = []
+    every = math.ceil(total / perceptual_frames) if perceptual_frames > 0 else 0
     state, basis = None, None
     done, tokens, size = 0, 0, (0, 0)
     # a hard stop while streaming, whatever the count said (a file may change under us)
@@ -286,6 +298,10 @@ def reconstruct_video(
                     writers["original"].write(clip[i])
                 if "side_by_side" in writers:
                     writers["side_by_side"].write(side_by_side(clip[i], rec[i]))
+            scored = [i for i in range(n_real) if every and (done + i) % every == 0]
+            if scored and min(clip.shape[1:3]) >= MIN_SIDE:
+                dist = perceptual_distance_per_frame(clip[scored], rec[scored], model.device)
+                perceptual += [(done + i, d) for i, d in zip(scored, dist)]
             if "latent_pca" in writers:
                 basis = basis or fit_pca(latent.feats)
                 pca = _pca_frames(latent, basis, clip.shape[1:3])
@@ -307,6 +323,7 @@ def reconstruct_video(
         pooled=model.pool_finish(state).cpu(),
         files={k: w.path for k, w in writers.items()},
         num_tokens=tokens,
+        perceptual_per_frame=perceptual,
     )
 
 

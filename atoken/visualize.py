@@ -267,3 +267,70 @@ def psnr_figure(psnr_per_frame: list[float]):
         margin={"l": 10, "r": 10, "t": 40, "b": 10},
     )
     return fig
+
+
+_CODEC_COLOURS = {"jpeg": "#1f77b4", "webp": "#2ca02c", "avif": "#9467bd"}
+
+
+def rate_distortion_figure(
+    curves: dict[str, list[tuple[float, float]]],
+    at_budget: dict[str, tuple[float, float]],
+    tokens: dict[str, tuple[float, float]],
+):
+    """Plotly PSNR over bits per pixel: a line per codec, its point at the tokens' budget
+    (open circle), and the tokenizer's point(s) (stars).
+
+    Args:
+        curves: ``{codec: [(bpp, psnr dB), ...]}`` over a range of qualities.
+        at_budget: ``{codec: (bpp, psnr)}`` of each codec at the tokens' bits.
+        tokens: ``{label: (bpp, psnr)}``, e.g. the entropy estimate and the stored size.
+    """
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, pts in curves.items():
+        pts = sorted([*pts, *([at_budget[name]] if name in at_budget else [])])
+        colour = _CODEC_COLOURS.get(name)
+        fig.add_trace(
+            go.Scatter(
+                x=[p[0] for p in pts],
+                y=[min(p[1], 100.0) for p in pts],
+                mode="lines+markers",
+                name=name.upper(),
+                line={"color": colour},
+            )
+        )
+    for name, (bpp, db) in at_budget.items():
+        fig.add_trace(
+            go.Scatter(
+                x=[bpp],
+                y=[min(db, 100.0)],
+                mode="markers",
+                name=f"{name.upper()} at the tokens' bits",
+                marker={
+                    "size": 13,
+                    "symbol": "circle-open",
+                    "line": {"width": 2},
+                    "color": _CODEC_COLOURS.get(name),
+                },
+            )
+        )
+    for label, (bpp, db) in tokens.items():
+        fig.add_trace(
+            go.Scatter(
+                x=[bpp],
+                y=[min(db, 100.0)],
+                mode="markers",
+                name=label,
+                marker={"size": 15, "symbol": "star", "color": "#d62728"},
+            )
+        )
+    fig.update_layout(
+        title="PSNR over bits per pixel (this image)",
+        xaxis_title="bits per pixel",
+        yaxis_title="PSNR (dB)",
+        xaxis={"type": "log"},
+        legend={"orientation": "h", "y": -0.25},
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+    )
+    return fig

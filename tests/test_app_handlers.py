@@ -21,7 +21,9 @@ from app import models
 from app.models import ModelManager, sibling_key
 from app.session import cleanup_session, friendly, run_dir, session_root
 from app.uploads import NOT_AN_UPLOAD, trust_folder, upload_path
+from atoken.codecs import CODECS, missing_codecs
 from atoken.media import read_image
+from atoken.metrics import perceptual_distance
 from atoken.pipeline import decode_file
 from atoken.visualize import code_usage
 from tests.app_support import (
@@ -106,6 +108,8 @@ def test_reconstruct_image_outputs(manager, image_result):
     bpp = metrics["tokens"] * 16 * 16 / (orig.shape[0] * orig.shape[1])  # 16 float16 channels
     assert f"x 16 float16 values = {bpp:.2f} bits per pixel" in metrics["compression_means"]
     assert f"is {metrics['compression']:.1f}x the size" in metrics["compression_means"]
+    assert metrics["perceptual"] == pytest.approx(perceptual_distance(orig, rec), abs=1e-4)
+    assert metrics["perceptual"] > 0.05 and "EfficientNet-Lite0" in metrics["perceptual_means"]
     names = sorted(p.rsplit("/", 1)[1] for p in files)
     assert names == ["original.png", "reconstruction.png", "tokens.safetensors"]
     rec_png = next(p for p in files if p.endswith("reconstruction.png"))
@@ -117,6 +121,56 @@ def test_reconstruct_image_outputs(manager, image_result):
     assert all(
         isinstance(v, np.ndarray) for k, v in state.items() if k in ("mean", "coords", "latent")
     )
+
+
+@pytest.mark.parametrize("which", ["continuous", "discrete"])
+def test_codec_panel_compares_at_the_tokens_bits(manager, image_result, discrete_result, which):
+    (orig, rec), _, metrics, _, state = image_result if which == "continuous" else discrete_result
+    gallery, table, fig, files = h.compare_codecs_handler(state, request=Req("img"))
+    available = [c for c in CODECS if c not in missing_codecs()]
+    bpp = float(re.search(r"\| tokens \| ([0-9.]+) \|", table).group(1))
+    if which == "discrete":  # FSQ: exactly the codes' bits, 8 groups of 4096 codes per token
+        assert bpp == pytest.approx(
+            metrics["tokens"] * 96 / (orig.shape[0] * orig.shape[1]), abs=1e-3
+        )
+        assert "bits of FSQ codes" in table
+    else:
+        assert "entropy-coded" in table and "stored as float16" in table
+    assert "How the tokens' bits are counted" in table
+    assert f"| {metrics['psnr']:.2f} |" in table  # the tokens' own row
+    assert [c for _, c in gallery][0] == f"tokens: {bpp:.3f} bpp"
+    np.testing.assert_array_equal(read_image(gallery[0][0]), rec)
+    assert len(gallery) == 1 + len(available) == 1 + len(files)
+    root = session_root(Req("img"))
+    for codec, path in zip(available, files):
+        assert Path(path).is_relative_to(root)  # written into the session folder
+        row = re.search(
+            rf"\| {codec.upper()} \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|", table
+        )
+        file_bpp = 8 * Path(path).stat().st_size / (orig.shape[0] * orig.shape[1])
+        assert float(row.group(1)) == pytest.approx(file_bpp, abs=1e-3)  # the real file's size
+        if "smallest file is larger" not in table:
+            assert file_bpp <= bpp + 1e-9
+        assert 0 < float(row.group(4)) < 4  # perceptual distance
+    names = [t.name for t in fig.data]
+    assert all(c.upper() in names for c in available) and any("tokens" in n for n in names)
+    curve = next(t for t in fig.data if t.name == available[0].upper())
+    assert len(curve.x) >= 5 and list(curve.x) == sorted(curve.x)
+
+
+def test_codec_panel_needs_a_reconstruction_and_says_when_a_codec_is_missing(
+    manager, image_result, monkeypatch
+):
+    with pytest.raises(gr.Error, match="run the image reconstruction first"):
+        h.compare_codecs_handler(None, request=Req("img"))
+    from PIL import features
+
+    real = features.check
+    monkeypatch.setattr(features, "check", lambda name: name != "avif" and real(name))
+    gallery, table, _, files = h.compare_codecs_handler(image_result[4], request=Req("img"))
+    assert "AVIF is missing:" in table and "without AVIF support" in table
+    assert not any(p.endswith(".avif") for p in files) and len(gallery) == 1 + len(files)
+    assert h.codecs_stale()[1].startswith("Press the button")
 
 
 def test_sampled_latent_depends_on_the_seed(manager, image_result):
@@ -258,6 +312,11 @@ def test_video_outputs_and_state(manager):
     w, hgt = metrics["size"]
     assert info.num_frames == 12 and info.width >= 2 * w and info.height == hgt
     assert state["kind"] == "video" and state["pooled"].shape == (1, 384)
+    assert metrics["perceptual_frames"] == "12 of 12 frames scored, one in every 1"
+    assert (
+        0.05 < metrics["perceptual_mean"] < 4
+        and "EfficientNet-Lite0" in metrics["perceptual_means"]
+    )
 
 
 def test_bad_videos_are_refused_before_the_model_runs(manager, tmp_path):

@@ -8,7 +8,7 @@ from PIL import Image
 from skimage import data
 
 from atoken import codecs
-from atoken.metrics import psnr
+from atoken.metrics import perceptual_distance, psnr
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,11 @@ def test_compare_shares_encodings_and_summarises(photo):
     row = cmp.summary()["webp"]
     assert set(row) == {"bpp", "psnr", "ssim", "perceptual", "quality", "fits"}
     assert row["bpp"] <= 0.8 and row["fits"]
+    # the codecs' decodes go through the network together: same distance as one at a time
+    for name, point in cmp.at_budget.items():
+        assert point.perceptual == pytest.approx(
+            perceptual_distance(photo, point.decoded), rel=1e-4, abs=1e-6
+        ), name
 
 
 def test_missing_codecs_are_reported_not_dropped(photo, monkeypatch):

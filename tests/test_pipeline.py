@@ -90,7 +90,7 @@ def test_a_video_that_is_not_a_multiple_of_4_frames_keeps_all_of_them(model_c, t
 
 
 def test_streamed_video_equals_whole_video(model_c, video_path, tmp_path):
-    res = reconstruct_video(model_c, video_path, tmp_path / "out")
+    res = reconstruct_video(model_c, video_path, tmp_path / "out", perceptual_frames=5)
     assert res.num_frames == 37 and res.size == (48, 32)  # every frame, none dropped
     assert set(res.files) == {"reconstruction", "original", "side_by_side", "latent_pca"}
     assert all(p.stat().st_size > 0 for p in res.files.values())
@@ -107,6 +107,13 @@ def test_streamed_video_equals_whole_video(model_c, video_path, tmp_path):
     cropped = frames[:, 4:36, 4:52]
     for i in (5, 36):
         assert abs(psnr(cropped[i], whole[i], data_range=255) - res.psnr_per_frame[i]) < 1e-6
+    # every ceil(37 / 5) = 8th frame gets the EfficientNet-Lite0 distance
+    from atoken.metrics import perceptual_distance
+
+    assert [i for i, _ in res.perceptual_per_frame] == [0, 8, 16, 24, 32]
+    for i, d in res.perceptual_per_frame[::4]:
+        assert d == pytest.approx(perceptual_distance(cropped[i], whole[i]), rel=1e-3, abs=1e-5)
+    assert res.mean_perceptual == pytest.approx(np.mean([d for _, d in res.perceptual_per_frame]))
 
 
 def test_video_limits(model_c, video_path, tmp_path):
