@@ -53,12 +53,6 @@ class Budget:
             max_read_frames=4 * base.max_read_frames,
         )
 
-    @classmethod
-    def unlimited(cls) -> Budget:
-        """No budget beyond the file readers' own safety limits (``--no-budget``)."""
-        big = 2**62
-        return cls(big, big, big, big, big, big, big)
-
 
 def image_header_size(path: str | Path) -> tuple[int, int]:
     """(width, height) of an image file from its header alone (no pixel is decoded)."""

@@ -141,14 +141,6 @@ def turntable_cameras(
     return cams
 
 
-def blender_c2w(w2c: Tensor) -> Tensor:
-    """Camera-to-world in Blender/OpenGL axes (y up, looking along -z), as transforms.json stores."""
-    c2w = torch.linalg.inv(w2c.double())
-    c2w[:3, 1] *= -1
-    c2w[:3, 2] *= -1
-    return c2w.float()
-
-
 def w2c_from_blender(c2w_blender: Tensor) -> Tensor:
     """OpenCV world-to-camera from a Blender camera-to-world matrix, in float32 as the packer does."""
     c2w = torch.as_tensor(c2w_blender, dtype=torch.float32).clone()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -196,18 +196,6 @@ PRESETS: dict[str, ATokenConfig | GSDecoderConfig] = {
         channels=64, num_blocks=2, num_heads=4, mlp_channels=128, name="tiny-gs"
     ),
 }
-
-
-def get_preset(name: str) -> ATokenConfig | GSDecoderConfig:
-    """A preset by name, with a helpful error listing the choices."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name]
-
-
-def register_preset(name: str, config: ATokenConfig | GSDecoderConfig) -> None:
-    """Add a named preset (used by bundled checkpoints)."""
-    PRESETS[name] = replace(config, name=name)
 
 
 def _fsq_levels(codebook_size: int) -> tuple[int, ...]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,15 +36,20 @@ from PIL import Image
 from torch import Tensor
 
 from atoken import world
+from atoken.media import (  # noqa: F401 - the readers, also used as data.<name>
+    IMAGE_EXTENSIONS,
+    MESH_FORMATS,
+    VIDEO_EXTENSIONS,
+    VOXEL_EXTENSIONS,
+    count_frames,
+    read_frames,
+    read_image,
+)
 from atoken.patchify import PATCH, TOKEN_CHANNELS, patchify, prepare_clip, tokenize_3d
 from atoken.sparse import SparseTensor
 from atoken.zeroshot import load_voxels
 
 KINDS = ("image", "video", "3d")
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
-VIDEO_SUFFIXES = frozenset({".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v", ".gif"})
-VOXEL_SUFFIXES = frozenset({".safetensors", ".npz"})
-MESH_SUFFIXES = frozenset({".obj", ".glb", ".gltf", ".ply", ".stl", ".off"})
 MAX_COORD = 4095  # official 12-bit coordinate packing
 
 
@@ -352,15 +356,6 @@ def _caption_for(path: Path, root: Path, table: dict[str, str]) -> str | None:
     return table.get(rel, table.get(path.name))
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """An image file -> uint8 ``[H, W, 3]``: `atoken.media.read_image` (EXIF orientation applied,
-    alpha composited on white, greyscale expanded), so training and ``atoken eval`` see the
-    picture that ``atoken reconstruct`` and the app see."""
-    from atoken.media import read_image as read
-
-    return read(path)
-
-
 def as_rgb_u8(image: np.ndarray) -> np.ndarray:
     """Grey, RGB or RGBA uint8 (or bool) arrays -> uint8 ``[H, W, 3]``."""
     a = np.asarray(image)
@@ -425,7 +420,7 @@ class ImageFolderSource(ArraySource):
         jitter: ColourJitter | None = None,
         captions: dict[str, str] | None = None,
     ) -> None:
-        root, files = _list_files(root, IMAGE_SUFFIXES, "image")
+        root, files = _list_files(root, IMAGE_EXTENSIONS, "image")
         files = files[:max_items] if max_items else files
         table = {**_read_captions(root), **(captions or {})}
         super().__init__(
@@ -436,53 +431,6 @@ class ImageFolderSource(ArraySource):
             jitter,
         )
         self.name = str(root)
-
-
-def _video_reader(path: Path):
-    import imageio.v2 as iio
-
-    return (
-        iio.get_reader(str(path), "ffmpeg")
-        if path.suffix.lower() != ".gif"
-        else iio.get_reader(str(path))
-    )
-
-
-def count_frames(path: str | Path) -> int:
-    """Number of frames of a video file."""
-    with _video_reader(Path(path)) as r:
-        try:
-            n = r.count_frames()
-        except (AttributeError, RuntimeError):
-            n = r.get_length()
-        if not n or n == math.inf:
-            n = sum(1 for _ in r)
-    return int(n)
-
-
-def read_frames(path: str | Path, start: int, count: int, stride: int = 1) -> np.ndarray:
-    """Decode frames ``start, start + stride, ...`` (``count`` of them) -> uint8 ``[T, H, W, 3]``.
-
-    Decoding stops after the last wanted frame, so a clip costs what it needs, not the video.
-    """
-    if count < 1 or stride < 1 or start < 0:
-        raise ValueError(
-            f"need count >= 1, stride >= 1, start >= 0; got {count}, {stride}, {start}"
-        )
-    wanted = {start + k * stride for k in range(count)}
-    last = max(wanted)
-    frames = []
-    with _video_reader(Path(path)) as r:
-        for i, frame in enumerate(r):
-            if i in wanted:
-                frames.append(np.asarray(frame)[..., :3])
-            if i >= last:
-                break
-    if not frames:
-        raise ValueError(f"{path}: no frames at {start}..{last}")
-    while len(frames) < count:  # short videos: repeat the last frame
-        frames.append(frames[-1])
-    return np.stack(frames)
 
 
 class VideoFolderSource(Source):
@@ -501,7 +449,7 @@ class VideoFolderSource(Source):
     ) -> None:
         if frames < 1 or stride < 1:
             raise ValueError(f"frames and stride must be >= 1, got {frames}, {stride}")
-        root, self.files = _list_files(root, VIDEO_SUFFIXES, "video")
+        root, self.files = _list_files(root, VIDEO_EXTENSIONS, "video")
         table = {**_read_captions(root), **(captions or {})}
         self.captions = [_caption_for(f, root, table) for f in self.files]
         self.lengths = [count_frames(f) for f in self.files]
@@ -538,7 +486,7 @@ class VideoFolderSource(Source):
 
 def _read_voxels_cached(path: Path, cache_dir: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
     """Meshes are rendered and packed once; the packed result is kept under ``cache_dir``."""
-    if cache_dir is None or path.suffix.lower() not in MESH_SUFFIXES:
+    if cache_dir is None or path.suffix.lower() not in MESH_FORMATS:
         return load_voxels(path)
     cached = Path(cache_dir) / f"{path.stem}{path.suffix.replace('.', '_')}.safetensors"
     if not cached.is_file():
@@ -574,7 +522,7 @@ class VoxelFolderSource(Source):
         captions: dict[str, str] | None = None,
         cache_dir: str | Path | None = None,
     ) -> None:
-        root, files = _list_files(root, VOXEL_SUFFIXES | MESH_SUFFIXES, "3D")
+        root, files = _list_files(root, VOXEL_EXTENSIONS | set(MESH_FORMATS), "3D")
         table = {**_read_captions(root), **(captions or {})}
         self.assets = [_read_voxels_cached(f, cache_dir) for f in files]
         self.captions = [_caption_for(f, root, table) for f in files]

@@ -30,7 +30,7 @@ from atoken.metrics import (
 from atoken.model import ATokenModel
 from atoken.pipeline import reconstruct_image
 from atoken.rate import token_rate
-from atoken.training import pca_reconstruct, reconstruct_arrays, resolve_text_tower
+from atoken.training import pca_reconstruct, reconstruct_arrays, text_tower_from_spec
 
 
 def read_folder(
@@ -43,9 +43,9 @@ def read_folder(
         suffix = p.suffix.lower()
         if not p.is_file():
             continue
-        if suffix in data_mod.IMAGE_SUFFIXES:
+        if suffix in data_mod.IMAGE_EXTENSIONS:
             items.append((p, resize_max_side(data_mod.read_image(p), max_side)))
-        elif suffix in data_mod.VIDEO_SUFFIXES:
+        elif suffix in data_mod.VIDEO_EXTENSIONS:
             clip = data_mod.read_frames(p, 0, min(num_frames, data_mod.count_frames(p)))
             items.append((p, np.stack([resize_max_side(f, max_side) for f in clip])))
     return items
@@ -180,7 +180,7 @@ def evaluate_folder(
     if zero_shot is not None:
         from atoken.zeroshot import zero_shot_eval
 
-        zs = zero_shot_eval(model, zero_shot, text_tower=resolve_text_tower(text_tower))
+        zs = zero_shot_eval(model, zero_shot, text_tower=text_tower_from_spec(text_tower))
         result["zero_shot_accuracy"] = zs.accuracy
         result["zero_shot_top5"] = zs.top5_accuracy
     result["per_item"] = per_item

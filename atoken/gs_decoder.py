@@ -151,8 +151,3 @@ class GaussianDecoder(nn.Module):
             raise ValueError("the GS decoder got no voxels")
         x = x.to(self.input_layer.weight.device)
         return self.to_gaussians(self.forward_features(x), x.coords)
-
-
-def stored_xyz(gaussians: Gaussians) -> Tensor:
-    """The official stored ``_xyz`` (box units, [0, 1]^3) of world positions."""
-    return gaussians.xyz + 0.5

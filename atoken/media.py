@@ -17,11 +17,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from atoken.patchify import crop_box
+
 log = logging.getLogger("atoken.media")
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-VIDEO_EXTENSIONS = {".mp4", ".webm", ".mov", ".gif", ".avi", ".mkv", ".m4v"}
-MESH_EXTENSIONS = {".glb", ".gltf", ".obj", ".ply", ".stl", ".off", ".zip"}
+# The one table of file extensions (lower case) for every reader, lister and upload control.
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".gif", ".avi", ".mkv", ".m4v"})
+MESH_FORMATS = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")  # preferred first in a zip
+MESH_EXTENSIONS = frozenset({*MESH_FORMATS, ".zip"})  # a mesh file or a zip holding one
+VOXEL_EXTENSIONS = frozenset({".safetensors", ".npz"})  # packed 3D voxels (feats, coords)
 
 MAX_IMAGE_PIXELS = 64_000_000  # refuse larger images before decoding them
 MAX_IMAGE_SIDE = 16_384
@@ -82,8 +87,7 @@ def read_image(source, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
             raise MediaError(f"{Path(name).name} is not an image file atoken can read") from e
         except Image.DecompressionBombError as e:  # raised by Image.open, before the size check
             raise MediaError(
-                f"{Path(name).name} is too large to decode; the limit is "
-                f"{max_pixels / 1e6:.0f} MP"
+                f"{Path(name).name} is too large to decode; the limit is {max_pixels / 1e6:.0f} MP"
             ) from e
         except (OSError, SyntaxError, ValueError) as e:
             raise MediaError(f"{Path(name).name} is damaged or truncated: {e}") from e
@@ -119,12 +123,11 @@ def resize_max_side(img: np.ndarray, max_side: int | None) -> np.ndarray:
 
 
 def crop_to_grid(img: np.ndarray, patch: int = 16) -> np.ndarray:
-    """Official centre crop to a multiple of ``patch`` (what the model sees)."""
-    h, w = img.shape[-3], img.shape[-2]
-    nh, nw = h // patch * patch, w // patch * patch
-    if nh == 0 or nw == 0:
-        raise MediaError(f"image {w}x{h} is smaller than one {patch}x{patch} patch")
-    top, left = (h - nh) // 2, (w - nw) // 2
+    """Official centre crop to a multiple of ``patch`` (what the model sees; `crop_box`)."""
+    try:
+        top, left, nh, nw = crop_box(img.shape[-3], img.shape[-2], patch)
+    except ValueError as e:
+        raise MediaError(str(e)) from None
     return img[..., top : top + nh, left : left + nw, :]
 
 
@@ -345,9 +348,39 @@ def iter_video_frames(
                 break
     except (OSError, RuntimeError) as e:
         log.info("%s: decoding failed: %s", name, _short(e))
-        raise MediaError(f"{name}: decoding failed partway (the file is damaged or truncated)") from e
+        raise MediaError(
+            f"{name}: decoding failed partway (the file is damaged or truncated)"
+        ) from e
     finally:
         reader.close()
+
+
+def count_frames(path: str | Path) -> int:
+    """Number of frames of a video file, counted in the file (not estimated from the header)."""
+    return probe_video(path, count=True).num_frames
+
+
+def read_frames(path: str | Path, start: int, count: int, stride: int = 1) -> np.ndarray:
+    """Frames ``start, start + stride, ...`` (``count`` of them) -> uint8 ``[T, H, W, 3]``.
+
+    Decoding stops after the last wanted frame, so a clip costs what it needs, not the video;
+    a video too short for the clip repeats its last frame.
+    """
+    if count < 1 or stride < 1 or start < 0:
+        raise ValueError(
+            f"need count >= 1, stride >= 1, start >= 0; got {count}, {stride}, {start}"
+        )
+    last = start + (count - 1) * stride
+    frames = [
+        f
+        for i, f in enumerate(iter_video_frames(path, max_frames=last + 1))
+        if i >= start and (i - start) % stride == 0
+    ]
+    if not frames:
+        raise MediaError(f"{Path(path).name}: no frames at {start}..{last}")
+    while len(frames) < count:  # short videos: repeat the last frame
+        frames.append(frames[-1])
+    return np.stack(frames)
 
 
 def read_video(path: str | Path, **kwargs) -> np.ndarray:

@@ -28,10 +28,9 @@ import numpy as np
 import trimesh
 from PIL import Image
 
+from atoken.media import MESH_EXTENSIONS, MESH_FORMATS
 from atoken.mesh_count import count_mesh_elements
 
-MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
-SUFFIXES = (*MESH_SUFFIXES, ".zip")
 MAX_FACES = 2_000_000
 MAX_VERTICES = 3 * MAX_FACES  # an STL or unindexed glTF has 3 vertices per face
 MAX_FILE_BYTES = 256 * 2**20  # size of the uploaded file
@@ -66,8 +65,10 @@ def load_mesh(
     if not path.is_file():
         raise MeshError(f"{path}: no such file")
     suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise MeshError(f"{path.name}: unsupported format {suffix!r}; use one of {SUFFIXES}")
+    if suffix not in MESH_EXTENSIONS:
+        raise MeshError(
+            f"{path.name}: unsupported format {suffix!r}; use one of {sorted(MESH_EXTENSIONS)}"
+        )
     size = path.stat().st_size
     if size > max_bytes:
         raise MeshError(f"{path.name}: file is {size} bytes, the limit is {max_bytes}")
@@ -123,11 +124,11 @@ def extract_zip(
                         raise MeshError(f"{path.name}: zip unpacks to more than {max_bytes} bytes")
                     out.write(chunk)
             hidden = any(p.startswith(".") or p == "__MACOSX" for p in rel.parts)
-            if rel.suffix.lower() in MESH_SUFFIXES and not hidden:
+            if rel.suffix.lower() in MESH_FORMATS and not hidden:
                 meshes.append(target)
     if not meshes:
-        raise MeshError(f"{path.name}: the zip holds no mesh file {MESH_SUFFIXES}")
-    return min(meshes, key=lambda p: (MESH_SUFFIXES.index(p.suffix.lower()), str(p)))
+        raise MeshError(f"{path.name}: the zip holds no mesh file {MESH_FORMATS}")
+    return min(meshes, key=lambda p: (MESH_FORMATS.index(p.suffix.lower()), str(p)))
 
 
 def _safe_member_path(zip_name: str, name: str) -> PurePosixPath:

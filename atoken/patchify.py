@@ -35,8 +35,13 @@ def to_model_range(pixels_u8) -> Tensor:
 
 
 def to_uint8(frames: Tensor) -> np.ndarray:
-    """[-1, 1] floats -> uint8, clamped and truncated like the official test script."""
-    return ((frames.float() + 1.0) / 2.0 * 255.0).clamp(0, 255).to(torch.uint8).cpu().numpy()
+    """[-1, 1] floats -> uint8, clamped and rounded to the nearest grey level.
+
+    The one conversion used everywhere (app, command line, training evaluation, metrics). The
+    official test script truncates instead, which darkens every pixel by half a level on
+    average; the model's outputs are the same, only this last step differs.
+    """
+    return ((frames.float() + 1.0) * 127.5).clamp(0, 255).round().to(torch.uint8).cpu().numpy()
 
 
 def as_video(item) -> Tensor:
@@ -56,10 +61,14 @@ def as_video(item) -> Tensor:
 
 
 def crop_box(height: int, width: int, patch: int = 16) -> tuple[int, int, int, int]:
-    """Official centre crop to a multiple of ``patch``: (top, left, new_h, new_w)."""
+    """Official centre crop to a multiple of ``patch``: (top, left, new_h, new_w).
+
+    The one centre crop: tokenization, the app's and the command line's inputs
+    (`atoken.media.crop_to_grid`) and the PCA baselines all cut the same pixels.
+    """
     h, w = height // patch * patch, width // patch * patch
     if h == 0 or w == 0:
-        raise ValueError(f"image {height}x{width} is smaller than one {patch}x{patch} patch")
+        raise ValueError(f"image {width}x{height} is smaller than one {patch}x{patch} patch")
     return (height - h) // 2, (width - w) // 2, h, w
 
 

@@ -72,7 +72,7 @@ from atoken.losses import (
     siglip_loss,
 )
 from atoken.model import ATokenModel, Encoded
-from atoken.patchify import VOXEL_CHANNELS, unpatchify
+from atoken.patchify import VOXEL_CHANNELS, crop_box, to_uint8, unpatchify
 from atoken.sparse import SparseTensor
 from atoken.text import TextTower
 
@@ -525,7 +525,7 @@ def transfer_weights(src: Mapping[str, Tensor], model: ATokenModel) -> list[str]
     return resized
 
 
-def build_model(cfg: TrainConfig) -> tuple[ATokenModel, ATokenConfig | None]:
+def build_stage_model(cfg: TrainConfig) -> tuple[ATokenModel, ATokenConfig | None]:
     """The model of a stage and the config of the checkpoint it starts from (None if fresh)."""
     mcfg = model_config(cfg.model, cfg.model_overrides)
     model = ATokenModel(mcfg)
@@ -535,8 +535,8 @@ def build_model(cfg: TrainConfig) -> tuple[ATokenModel, ATokenConfig | None]:
     path = Path(cfg.init_from)
     if cfg.init_config is not None:
         src_cfg = model_config(cfg.init_config)
-    elif isinstance(_ckpt.config_from_checkpoint(path), ATokenConfig):
-        src_cfg = config_from_checkpoint(path)  # written by save_model: the previous stage
+    elif isinstance(cfg_in_file := _ckpt.config_from_checkpoint(path), ATokenConfig):
+        src_cfg = cfg_in_file  # written by save_model: the previous stage
     else:
         src_cfg = model_config(cfg.model)
     transfer_weights(read_checkpoint(path), model)
@@ -578,7 +578,7 @@ class RandomTextTower(TextTower):
         return torch.stack(out)
 
 
-def resolve_text_tower(spec: str | TextTower | None) -> TextTower | None:
+def text_tower_from_spec(spec: str | TextTower | None) -> TextTower | None:
     """``None``, ``"random:<dim>"``, or anything `atoken.text.load_text_tower` accepts."""
     if spec is None or isinstance(spec, TextTower):
         return spec
@@ -746,7 +746,7 @@ class Objective:
             mse_weight=terms["mse"],
         )
         self.sample_posterior = bool(loss.get("sample_posterior", True))
-        self.tower = resolve_text_tower(semantic.get("text_tower"))
+        self.tower = text_tower_from_spec(semantic.get("text_tower"))
         self.image_mode = semantic.get("image_mode", "siglip")
         if self.image_mode not in ("siglip", "distill"):
             raise ValueError(
@@ -991,7 +991,7 @@ def save_model(
     return path
 
 
-def config_from_checkpoint(path: str | Path) -> ATokenConfig:
+def trained_config(path: str | Path) -> ATokenConfig:
     """The `ATokenConfig` stored in a checkpoint's metadata by `save_model`."""
     cfg = _ckpt.config_from_checkpoint(path)
     if not isinstance(cfg, ATokenConfig):
@@ -1003,7 +1003,7 @@ def load_trained(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
 ) -> ATokenModel:
     """Load a checkpoint written by `save_model` (config from its metadata, shared encoder merged)."""
-    return load_model(path, config_from_checkpoint(path), device=device, dtype=dtype)
+    return load_model(path, trained_config(path), device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1091,7 +1091,7 @@ class Trainer:
         torch.manual_seed(cfg.seed + 1000 * self.rank)
         self.generator = torch.Generator(device=acc.device).manual_seed(cfg.seed + 17 + self.rank)
 
-        model, source_cfg = build_model(cfg)
+        model, source_cfg = build_stage_model(cfg)
         pretrained = source_cfg is not None
         self.stream = self._build_stream()
         if cfg.pca_init and not pretrained:
@@ -1499,11 +1499,6 @@ def train_multiprocess(
 # Evaluation
 
 
-def _quantise_u8(x: Tensor) -> Tensor:
-    """[-1, 1] floats -> the uint8 values a user would save (as floats, for metrics)."""
-    return ((x.float() + 1.0) * 127.5).clamp(0, 255).round()
-
-
 @torch.no_grad()
 def reconstruct_arrays(
     model: ATokenModel, items: Sequence[np.ndarray]
@@ -1522,22 +1517,22 @@ def reconstruct_arrays(
         t = clip[:1] if kind == "image" else clip[: r.shape[0]]
         out.append(
             (
-                _quantise_u8(t).to(torch.uint8).numpy(),
-                _quantise_u8(r.permute(0, 2, 3, 1)).to(torch.uint8).numpy(),
+                to_uint8(t),
+                to_uint8(r.permute(0, 2, 3, 1)),
             )
         )
     return out
 
 
-def patch_grid(image: np.ndarray) -> np.ndarray:
+def patch_vectors(image: np.ndarray) -> np.ndarray:
     """float64 ``[h, w, 768]`` 16x16x3 patches (0..255) of the centre crop to multiples of 16.
 
-    The crop is the model's input crop; the per-patch PCA baselines work on these grids.
+    The crop is the model's input crop (`crop_box`); the per-patch PCA baselines work on these.
     """
     a = data_mod.as_rgb_u8(image)
-    h, w = a.shape[0] // 16, a.shape[1] // 16
-    top, left = (a.shape[0] - 16 * h) // 2, (a.shape[1] - 16 * w) // 2
-    a = a[top : top + 16 * h, left : left + 16 * w].astype(np.float64)
+    top, left, ch, cw = crop_box(a.shape[0], a.shape[1])
+    h, w = ch // 16, cw // 16
+    a = a[top : top + ch, left : left + cw].astype(np.float64)
     return a.reshape(h, 16, w, 16, 3).transpose(0, 2, 1, 3, 4).reshape(h, w, 768)
 
 
@@ -1550,8 +1545,8 @@ def pca_reconstruct(
     themselves, an oracle fit); images are centre-cropped to multiples of 16 like the model's
     input. Returns uint8 ``[H', W', 3]`` reconstructions.
     """
-    grids = [patch_grid(a) for a in images]
-    fit_grids = grids if fit_on is None else [patch_grid(a) for a in fit_on]
+    grids = [patch_vectors(a) for a in images]
+    fit_grids = grids if fit_on is None else [patch_vectors(a) for a in fit_on]
     fit = np.concatenate([g.reshape(-1, 768) for g in fit_grids])
     if not 1 <= components <= 768:
         raise ValueError(f"components must be in 1..768, got {components}")
@@ -1565,15 +1560,6 @@ def pca_reconstruct(
         img = r.reshape(h, w, 16, 16, 3).transpose(0, 2, 1, 3, 4).reshape(16 * h, 16 * w, 3)
         out.append(np.clip(np.round(img), 0, 255).astype(np.uint8))
     return out
-
-
-def iterate_batches(
-    sources: Sequence[data_mod.Source], token_budget: int, seed: int = 0, rank: int = 0
-) -> Iterator[data_mod.Batch]:
-    """Endless token-budget batches from equally weighted sources (handy outside the trainer)."""
-    return data_mod.TokenBudgetBatcher(
-        data_mod.MixtureStream(sources, seed=seed, rank=rank), token_budget
-    )
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, float]]:
@@ -1609,7 +1595,7 @@ def evaluate_world(
     from atoken import world
     from atoken.zeroshot import label_embeddings
 
-    tower = resolve_text_tower(text_tower)
+    tower = text_tower_from_spec(text_tower)
     if tower is None:
         raise ValueError("evaluate_world needs a text tower")
     rng = np.random.default_rng(seed)

@@ -25,6 +25,7 @@ from atoken.media import (
     IMAGE_EXTENSIONS,
     MESH_EXTENSIONS,
     VIDEO_EXTENSIONS,
+    VOXEL_EXTENSIONS,
     iter_video_frames,
     probe_video,
     read_image,
@@ -75,8 +76,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
-VOXEL_SUFFIXES = frozenset({".safetensors", ".npz"})  # packed 3D assets (feats, coords)
-ITEM_SUFFIXES = frozenset(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS | MESH_EXTENSIONS | VOXEL_SUFFIXES)
+ITEM_SUFFIXES = frozenset(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS | MESH_EXTENSIONS | VOXEL_EXTENSIONS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,7 +577,7 @@ def load_item(
         return load_image(path, max_side=max_side), "image"
     if suffix in VIDEO_EXTENSIONS:
         return load_video(path, num_frames=num_frames, max_side=max_side), "video"
-    if suffix in VOXEL_SUFFIXES | MESH_EXTENSIONS:
+    if suffix in VOXEL_EXTENSIONS | MESH_EXTENSIONS:
         return load_voxels(path), "3d"
     raise ValueError(
         f"{path.name}: unsupported file type {suffix!r}; expected one of {sorted(ITEM_SUFFIXES)}"

@@ -64,7 +64,9 @@ def test_uint8_conversions():
     x = atoken.to_model_range(u8)
     assert torch.allclose(x, torch.tensor([[[-1.0, 128 / 255 * 2 - 1, 1.0]]]), atol=1e-6)
     assert atoken.to_uint8(x).tolist() == [[[0, 128, 255]]]
-    assert atoken.to_uint8(torch.tensor([0.999])).tolist() == [254]  # truncation, as officially
+    # rounded to the nearest level (the official script truncates 254.87 to 254)
+    assert atoken.to_uint8(torch.tensor([0.999, -0.999, 0.0])).tolist() == [255, 0, 128]
+    assert atoken.to_uint8(torch.tensor([2.0, -3.0])).tolist() == [255, 0]  # clamped
 
 
 def test_tokenize_3d_official_form():

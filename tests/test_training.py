@@ -509,7 +509,7 @@ def test_next_stage_starts_from_the_learned_logit_scalars(tmp_path):
     first = training.train_from_config(
         base_config(tmp_path, "a", ("image",), steps=3, warmup_steps=1)
     )
-    learned = training.config_from_checkpoint(first.checkpoint)
+    learned = training.trained_config(first.checkpoint)
     trainer = training.Trainer(
         training.load_train_config(
             base_config(
