@@ -30,7 +30,7 @@ from app.session import error_message, friendly, log, run_dir
 from app.uploads import upload_path
 from atoken import registry
 from atoken.budget import Budget, check_video_budget, image_header_size, plan_image
-from atoken.codecs import compare_codecs, encode_image
+from atoken.codecs import LABELS, compare_codecs, encode_image
 from atoken.download import cached_path
 from atoken.generation import edit_tokens, interpolate, posterior_variations, save_image_tokens
 from atoken.media import (
@@ -542,10 +542,10 @@ def compare_codecs_handler(
         data, _ = encode_image(original, name, p.quality)
         files.append(out / f"{name}_q{p.quality}.{CODEC_EXT[name]}")
         files[-1].write_bytes(data)
-        shown = f"{name.upper()} q{p.quality}: {p.bpp:.3f} bpp, {p.psnr:.2f} dB"
+        shown = f"{LABELS[name]} q{p.quality}: {p.bpp:.3f} bpp, {p.psnr:.2f} dB"
         gallery.append((str(write_image(out / f"{name}.png", p.decoded)), shown))
         extra = f"quality {p.quality}" + ("" if p.fits else ": its smallest file is larger")
-        rows.append(_codec_row(name.upper(), p.bpp, p.psnr, p.ssim, p.perceptual, extra))
+        rows.append(_codec_row(LABELS[name], p.bpp, p.psnr, p.ssim, p.perceptual, extra))
     lines = [
         f"**How the tokens' bits are counted:** {rate.explanation()}",
         "",
@@ -553,15 +553,15 @@ def compare_codecs_handler(
         "|---|---|---|---|---|---|",
         *rows,
     ]
-    lines += [f"\n**{n.upper()} is missing:** {why}." for n, why in cmp.missing.items()]
+    lines += [f"\n**{LABELS[n]} is missing:** {why}." for n, why in cmp.missing.items()]
     points = {
         f"tokens ({rate.kind}, counted bits)": (rate.bpp, mine["psnr"] - (rate.psnr_drop or 0))
     }
     if rate.stored_bits != rate.bits:
         points[f"tokens as stored ({rate.precision})"] = (rate.stored_bpp, mine["psnr"])
     fig = rate_distortion_figure(
-        {n: [(p.bpp, p.psnr) for p in pts] for n, pts in cmp.curves.items()},
-        {n: (p.bpp, p.psnr) for n, p in cmp.at_budget.items()},
+        {LABELS[n]: [(p.bpp, p.psnr) for p in pts] for n, pts in cmp.curves.items()},
+        {LABELS[n]: (p.bpp, p.psnr) for n, p in cmp.at_budget.items()},
         points,
     )
     return gallery, "\n".join(lines), fig, [str(f) for f in files]

@@ -146,6 +146,7 @@ def _image_tab(max_side_limit: int) -> dict:
             label="Tokens | JPEG | WebP | AVIF at the same bits",
             format=PNG,
             columns=4,
+            height=300,
             elem_id="codec-gallery",
         )
         with gr.Row():

@@ -25,6 +25,7 @@ from torch import Tensor
 from atoken.metrics import effnet_taps, perceptual_distance_from_taps, psnr, ssim
 
 CODECS = ("jpeg", "webp", "avif")
+LABELS = {"jpeg": "JPEG", "webp": "WebP", "avif": "AVIF"}  # names as people write them
 # Pillow format name, quality range, fixed options. JPEG: optimised Huffman tables, 4:2:0
 # (Pillow's default). WebP: method 4 (Pillow's default effort). AVIF: speed 8 of 0 (slowest) to
 # 10; at 512 px speed 6 costs ~3-4x the time for ~0.1-0.3 dB.

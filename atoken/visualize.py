@@ -281,22 +281,24 @@ def rate_distortion_figure(
     (open circle), and the tokenizer's point(s) (stars).
 
     Args:
-        curves: ``{codec: [(bpp, psnr dB), ...]}`` over a range of qualities.
+        curves: ``{codec label: [(bpp, psnr dB), ...]}`` over a range of qualities (JPEG,
+            WebP and AVIF get fixed colours).
         at_budget: ``{codec: (bpp, psnr)}`` of each codec at the tokens' bits.
-        tokens: ``{label: (bpp, psnr)}``, e.g. the entropy estimate and the stored size.
+        tokens: ``{label: (bpp, psnr)}``, e.g. the entropy estimate (filled star) and the
+            stored size (open stars).
     """
     import plotly.graph_objects as go
 
     fig = go.Figure()
     for name, pts in curves.items():
         pts = sorted([*pts, *([at_budget[name]] if name in at_budget else [])])
-        colour = _CODEC_COLOURS.get(name)
+        colour = _CODEC_COLOURS.get(name.lower())
         fig.add_trace(
             go.Scatter(
                 x=[p[0] for p in pts],
                 y=[min(p[1], 100.0) for p in pts],
                 mode="lines+markers",
-                name=name.upper(),
+                name=name,
                 line={"color": colour},
             )
         )
@@ -306,23 +308,23 @@ def rate_distortion_figure(
                 x=[bpp],
                 y=[min(db, 100.0)],
                 mode="markers",
-                name=f"{name.upper()} at the tokens' bits",
+                name=f"{name} at the tokens' bits",
                 marker={
                     "size": 13,
                     "symbol": "circle-open",
                     "line": {"width": 2},
-                    "color": _CODEC_COLOURS.get(name),
+                    "color": _CODEC_COLOURS.get(name.lower()),
                 },
             )
         )
-    for label, (bpp, db) in tokens.items():
+    for i, (label, (bpp, db)) in enumerate(tokens.items()):
         fig.add_trace(
             go.Scatter(
                 x=[bpp],
                 y=[min(db, 100.0)],
                 mode="markers",
                 name=label,
-                marker={"size": 15, "symbol": "star", "color": "#d62728"},
+                marker={"size": 15, "symbol": "star-open" if i else "star", "color": "#d62728"},
             )
         )
     fig.update_layout(

@@ -148,12 +148,41 @@ def test_image_tab(page):
         ".filter(i => i.complete && i.naturalWidth > 0).length >= 2"
     )
     page.wait_for_selector("#image-metrics :text('psnr')")
+    page.wait_for_selector("#image-metrics :text('perceptual_means')")
     assert loaded_images(page, "#image-heatmap") == 1
     for plot in ("#latent-hist", "#latent-scatter", "#latent-pooled"):
         wait_plot(page, plot)
     assert loaded_images(page, "#latent-pca") == 1 and loaded_images(page, "#latent-maps") == 1
     assert "safetensors" in page.locator("#image-files").inner_text()
     shot(page, "image_tab")
+
+
+def test_codec_panel_after_a_reconstruction(page):
+    open_tab(page, "Image")
+    upload(page, "#image-input", EXAMPLES / "coffee.png")
+    page.get_by_text("Against JPEG / WebP / AVIF at the same bits").click()  # open the panel
+    page.click("#image-run")
+    # a new run empties the panel: its numbers were for the last reconstruction
+    page.wait_for_selector("#codec-table :text('compare this reconstruction')")
+    page.wait_for_selector("#image-metrics :text('perceptual')")
+    page.click("#codec-run")
+    page.wait_for_selector("#codec-table :text('How the tokens')")
+    table = page.locator("#codec-table").inner_text()
+    for name in ("tokens", "JPEG", "WebP", "AVIF"):
+        row = next(line for line in table.splitlines() if line.strip().startswith(name))
+        numbers = [float(x) for x in re.findall(r"\d+\.\d+", row)]
+        assert len(numbers) >= 4, row  # bpp, PSNR, SSIM, perceptual distance
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#codec-gallery img')]"
+        ".filter(i => i.complete && i.naturalWidth > 0).length >= 4"
+    )
+    wait_plot(page, "#codec-plot")
+    legend = page.locator("#codec-plot .legend").text_content()
+    assert "JPEG" in legend and "AVIF" in legend and "tokens" in legend
+    assert page.locator("#codec-plot .scatterlayer .trace").count() >= 6
+    assert ".avif" in page.locator("#codec-files").inner_text()
+    assert "Traceback" not in page.inner_text("body")
+    shot(page, "codec_panel", "#codec-panel")
 
 
 def count_text(page, text: str) -> int:
@@ -193,6 +222,7 @@ def test_video_tab(page):
     wait_video(page, "#video-pca")
     wait_plot(page, "#video-psnr")
     page.wait_for_selector("#video-metrics :text('psnr_mean')")
+    page.wait_for_selector("#video-metrics :text('perceptual_mean')")
     assert "side_by_side" in page.locator("#video-files").inner_text()
     shot(page, "video_tab")
 

@@ -21,7 +21,7 @@ from app import models
 from app.models import ModelManager, sibling_key
 from app.session import cleanup_session, friendly, run_dir, session_root
 from app.uploads import NOT_AN_UPLOAD, trust_folder, upload_path
-from atoken.codecs import CODECS, missing_codecs
+from atoken.codecs import CODECS, LABELS, missing_codecs
 from atoken.media import read_image
 from atoken.metrics import perceptual_distance
 from atoken.pipeline import decode_file
@@ -145,7 +145,7 @@ def test_codec_panel_compares_at_the_tokens_bits(manager, image_result, discrete
     for codec, path in zip(available, files):
         assert Path(path).is_relative_to(root)  # written into the session folder
         row = re.search(
-            rf"\| {codec.upper()} \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|", table
+            rf"\| {LABELS[codec]} \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|", table
         )
         file_bpp = 8 * Path(path).stat().st_size / (orig.shape[0] * orig.shape[1])
         assert float(row.group(1)) == pytest.approx(file_bpp, abs=1e-3)  # the real file's size
@@ -153,8 +153,8 @@ def test_codec_panel_compares_at_the_tokens_bits(manager, image_result, discrete
             assert file_bpp <= bpp + 1e-9
         assert 0 < float(row.group(4)) < 4  # perceptual distance
     names = [t.name for t in fig.data]
-    assert all(c.upper() in names for c in available) and any("tokens" in n for n in names)
-    curve = next(t for t in fig.data if t.name == available[0].upper())
+    assert all(LABELS[c] in names for c in available) and any("tokens" in n for n in names)
+    curve = next(t for t in fig.data if t.name == LABELS[available[0]])
     assert len(curve.x) >= 5 and list(curve.x) == sorted(curve.x)
 
 
