@@ -45,7 +45,6 @@ import trimesh
 from PIL import Image
 from torch import Tensor
 
-from atoken.attention import BACKENDS as ATTENTION_BACKENDS
 from atoken.attention import attention_backend
 from atoken.cameras import Camera, camera_from_fov, orbit_cameras
 from atoken.checkpoint import save_checkpoint
@@ -844,81 +843,12 @@ def crop_mask(
     return m
 
 
-_BUCKET_BACKEND = "gs-train-bucketed"
-_BUCKET_RATIO = 1.25  # longest / shortest window of one padded bucket
-_BUCKET_SCORES = 1 << 22  # windows x length^2 per bucket
-
-
-def bucketed_sdpa_attention(q, k, v, seqlens, seqlens_k, softcap) -> Tensor:
-    """Window self-attention for training: windows sorted by length, padded in buckets of
-    similar length (at most ``_BUCKET_RATIO`` apart) and run as one masked SDPA call each.
-
-    Same maths as the ``sdpa`` backend. That backend runs uneven windows one by one through
-    slices ``q[i : i + n]``; on CPU each call costs milliseconds and each slice's backward writes
-    a zero gradient as large as the whole input, so with hundreds of windows the decoder's
-    backward was ~10x slower than its forward. One gather per tensor and one scatter avoid both.
-    """
-    if list(seqlens) != list(seqlens_k):
-        raise ValueError("bucketed attention is self-attention: seqlens_k must equal seqlens")
-    n, device = q.shape[0], q.device
-    lens_list = [int(s) for s in seqlens]
-    lens = torch.tensor(lens_list, device=device)
-    starts = torch.cumsum(lens, 0) - lens
-    order = sorted(range(len(lens_list)), key=lens_list.__getitem__)
-    buckets = []  # (window ids, padded length)
-    i = 0
-    while i < len(order):
-        j, first = i + 1, max(1, lens_list[order[i]])
-        while (
-            j < len(order)
-            and lens_list[order[j]] <= _BUCKET_RATIO * first
-            and (j - i + 1) * lens_list[order[j]] ** 2 <= _BUCKET_SCORES
-        ):
-            j += 1
-        buckets.append((order[i:j], lens_list[order[j - 1]]))
-        i = j
-    # One gather per tensor for all buckets (a gather per bucket would cost a full-size
-    # zero gradient each in the backward), then split into padded buckets.
-    idxs, valids = [], []
-    for win, length in buckets:
-        win = torch.tensor(win, device=device)
-        ramp = torch.arange(length, device=device)
-        valid = ramp < lens[win, None]  # [B, L]
-        idxs.append(torch.where(valid, starts[win, None] + ramp, n))
-        valids.append(valid)
-    flat = torch.cat([t.reshape(-1) for t in idxs])
-    sizes = [t.numel() for t in idxs]
-    parts = [torch.cat([t, t.new_zeros(1, *t.shape[1:])])[flat].split(sizes) for t in (q, k, v)]
-    rows, outs = [], []
-    for b, (idx, valid) in enumerate(zip(idxs, valids)):
-        shape = (*idx.shape, *q.shape[1:])
-        qp, kp, vp = (p[b].reshape(shape).transpose(1, 2) for p in parts)  # [B, H, L, D]
-        mask = valid[:, None, None, :]
-        if softcap:
-            sc = qp.float() @ kp.float().transpose(-1, -2) / math.sqrt(qp.shape[-1])
-            sc = (softcap * torch.tanh(sc / softcap)).masked_fill(~mask, float("-inf"))
-            o = (torch.softmax(sc, -1) @ vp.float()).to(q.dtype)
-        else:
-            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)
-        outs.append(o.transpose(1, 2)[valid])  # [rows, H, D]
-        rows.append(idx[valid])
-    inv = torch.empty(n, dtype=torch.long, device=device)
-    inv[torch.cat(rows)] = torch.arange(n, device=device)
-    return torch.cat(outs)[inv]
-
-
 @contextlib.contextmanager
 def training_attention():
-    """Run attention with :func:`bucketed_sdpa_attention` inside the block (same maths)."""
-    added = _BUCKET_BACKEND not in ATTENTION_BACKENDS
-    if added:
-        ATTENTION_BACKENDS[_BUCKET_BACKEND] = bucketed_sdpa_attention
-    try:
-        with attention_backend(_BUCKET_BACKEND):
-            yield
-    finally:
-        if added:
-            ATTENTION_BACKENDS.pop(_BUCKET_BACKEND, None)
+    """Run attention with the ``bucketed`` backend inside the block (same maths as SDPA, fast
+    backward over hundreds of uneven windows)."""
+    with attention_backend("bucketed"):
+        yield
 
 
 def lr_at(progress: float, cfg: GSTrainConfig, step: int) -> float:

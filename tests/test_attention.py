@@ -137,3 +137,15 @@ def test_flash_backend_matches_reference_on_gpu():  # pragma: no cover - GPU onl
     ref = attention(q.float(), k.float(), v.float(), [17, 40], backend="naive")
     out = attention(q, k, v, [17, 40], backend="flash")
     assert (out.float() - ref).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_bucketed_backend_matches_naive_on_uneven_segments(softcap):
+    g = torch.Generator().manual_seed(3)
+    seqlens = [1, 7, 8, 9, 40, 3, 33]
+    q, k, v = (torch.randn(sum(seqlens), 2, 8, generator=g) for _ in range(3))
+    ref = attention(q, k, v, seqlens, softcap=softcap, backend="naive")
+    out = attention(q, k, v, seqlens, softcap=softcap, backend="bucketed")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="self-attention"):
+        attention(q, k[:-1], v[:-1], seqlens, seqlens_k=[*seqlens[:-1], 32], backend="bucketed")
