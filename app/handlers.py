@@ -96,7 +96,7 @@ PERCEPTUAL_MEANS = (
     "but without learned weights, so not comparable with LPIPS numbers): 0 = the same "
     "features, lower is closer; images under 32 px get none"
 )
-VIDEO_PERCEPTUAL_FRAMES = 32  # the video tab scores at most this many evenly spaced frames
+VIDEO_PERCEPTUAL_FRAMES = 8  # the video tab scores at most this many evenly spaced frames
 CODEC_QUALITIES = (10, 30, 50, 70, 90)  # the rate-distortion curve of each codec
 CODEC_EXT = {"jpeg": "jpg", "webp": "webp", "avif": "avif"}
 TINY_ZERO_SHOT = (

@@ -312,7 +312,7 @@ def test_video_outputs_and_state(manager):
     w, hgt = metrics["size"]
     assert info.num_frames == 12 and info.width >= 2 * w and info.height == hgt
     assert state["kind"] == "video" and state["pooled"].shape == (1, 384)
-    assert metrics["perceptual_frames"] == "12 of 12 frames scored, one in every 1"
+    assert metrics["perceptual_frames"] == "6 of 12 frames scored, one in every 2"
     assert (
         0.05 < metrics["perceptual_mean"] < 4
         and "EfficientNet-Lite0" in metrics["perceptual_means"]
