@@ -6,7 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from app import cache_writes, viewer3d
+from app import cache_writes, generate_tab, viewer3d
 from app import handlers as h
 from app.models import ModelManager
 from app.session import cleanup_session
@@ -370,6 +370,9 @@ def _generation_tab() -> dict:
             edited = gr.ImageSlider(
                 label="Reconstruction | edited", format=PNG, elem_id="edit-slider"
             )
+    # its 3D viewer mounts only once the sub-tab is on screen (Model3D in hidden tabs collapses)
+    with gr.Tab("Text to image / video / 3D", id="text-to", render_children=False):
+        text_to = generate_tab.layout()
     return locals()
 
 
@@ -543,5 +546,6 @@ def _wire(demo, status, model_st, im, vi, a3, zs, ge, image_st, video_st, asset_
         **gpu,
         **raw,
     )
+    generate_tab.wire(ge["text_to"], zs, image_st, video_st, asset_st, model_st)
     demo.load(h.status, model_st, status, **private)
     demo.unload(cleanup_session)

@@ -567,6 +567,26 @@ def generate(
     return Generated(kind, prompt, latent, gaussians=gaussians.to("cpu"), template=name, info=info)
 
 
+@torch.no_grad()
+def pooled_feature(tokenizer, result: Generated) -> Tensor:
+    """The tokenizer's pooled feature ``[1, C]`` of a generated result, for zero-shot scoring.
+
+    Images and videos are re-encoded from their decoded frames; 3D from its decoded voxel
+    colours (the first frame slot of each token, as `atoken.patchify.tokenize_3d` lays them out).
+    """
+    from atoken.patchify import VOXEL_CHANNELS, to_model_range, tokenize
+
+    if result.frames is not None:
+        item = result.frames[0] if result.kind == "image" else result.frames
+        x = tokenize([to_model_range(item)])
+    else:
+        rec = tokenizer.decode(_decoder_input(tokenizer, result.latent))
+        feats = rec.feats.float().clamp(-1, 1)
+        feats[:, VOXEL_CHANNELS:] = 0
+        x = SparseTensor(feats, rec.coords)
+    return tokenizer.encode(x.to(tokenizer.device, tokenizer.dtype)).pooled.float().cpu()
+
+
 def gs_decoder_device(gs_decoder) -> torch.device:
     """Device of a Gaussian decoder's parameters."""
     return next(gs_decoder.parameters()).device

@@ -72,7 +72,6 @@ class GenTrainConfig:
     ema_decay: float = 0.999
     cond_drop: float = 0.1
     timesteps: str = "logit_normal"
-    structure_weight: float = 0.1
     seed: int = 0
     threads: int | None = None
     cpu: bool = True
@@ -512,7 +511,7 @@ class GenTrainer:
     def train_step(self) -> dict[str, float]:
         """One optimiser step on one batch of one source."""
         cfg, g, dev = self.cfg, self.generator, self.accelerator.device
-        si, x1, coords, text, tpl = sample_batch(self.sets, self.weights, self.sizes, g)
+        si, x1, coords, text, _ = sample_batch(self.sets, self.weights, self.sizes, g)
         model = self.raw_model
         batch = text.shape[0]
         x1 = model.normalize(x1)
@@ -526,18 +525,10 @@ class GenTrainer:
             return self.model(xt, coords, t, text, drop)
 
         loss = flow_matching_loss(velocity, x1, x0, t[rows.to(dev)][:, None])
-        total = loss
         row = {"loss": float(loss.detach()), f"loss_{self.sets[si].kind}": float(loss.detach())}
-        if model.structure_head is not None and bool((tpl >= 0).any()):
-            keep = tpl >= 0
-            ce = torch.nn.functional.cross_entropy(
-                model.structure_logits(text[keep.to(dev)]), tpl[keep].to(dev)
-            )
-            total = total + cfg.structure_weight * ce
-            row["structure"] = float(ce.detach())
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"non-finite loss {float(total)} at step {self.step}")
-        self.accelerator.backward(total)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}")
+        self.accelerator.backward(loss)
         if cfg.grad_clip:
             self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
@@ -554,7 +545,7 @@ class GenTrainer:
         cfg = self.cfg
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc=cfg.name)
         t0 = time.time()
-        cols = ["step", "seconds", "lr", "loss", "loss_image", "loss_video", "loss_3d", "structure"]
+        cols = ["step", "seconds", "lr", "loss", "loss_image", "loss_video", "loss_3d"]
         csv_path = self.out / "metrics.csv"
         if not csv_path.exists():
             with csv_path.open("w", newline="") as f:
@@ -601,9 +592,50 @@ class GenTrainer:
         )
         ema_model = copy.deepcopy(self.raw_model).float()
         self.ema.copy_to(ema_model)
+        if ema_model.structure_head is not None:
+            from atoken.text import load_text_tower
+
+            fit_structure_head(ema_model, load_text_tower(self.cfg.text_tower), self.cfg.seed)
         return save_generator(
             ema_model, self.out / "generator.safetensors", self.cfg.export_dtype, **meta
         )
+
+
+def structure_captions() -> tuple[list[str], Tensor]:
+    """Every caption template of every *training* 3D pair, with its primitive index."""
+    from atoken import world
+
+    caps, labels = [], []
+    for shape, colour in world.combinations("3d", "train"):
+        for i in range(len(world.prompt_templates("3d"))):
+            caps.append(world.WorldSpec("3d", shape, colour).caption(i))
+            labels.append(world.PRIMITIVES.index(shape))
+    return caps, torch.tensor(labels)
+
+
+def fit_structure_head(model: FlowTransformer, tower, seed: int = 0, steps: int = 400) -> float:
+    """Fit p(template | text) from scratch on `structure_captions` (text only, no latents).
+
+    The head is a linear softmax classifier on the pooled text embedding; it needs no rendered
+    data, so it sees every training caption rather than the few 3D items the flow trains on.
+    Returns the final training accuracy.
+    """
+    head = model.structure_head
+    assert head is not None
+    caps, labels = structure_captions()
+    emb = tower.encode(caps).float()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(0.01 * torch.randn(head.weight.shape, generator=g))
+        head.bias.zero_()
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(head(emb.to(head.weight.dtype)), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float((head(emb).argmax(-1) == labels).float().mean())
 
 
 def train_generator(path_or_dict: str | Path | Mapping[str, Any], **overrides) -> GenTrainResult:
