@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         server_port=args.port,
         share=args.share,
         show_error=True,
-        **launch_options(args.max_file_size),
+        **launch_options(args.max_file_size, blocks=demo),
     )
 
 

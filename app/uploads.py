@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
 from pathlib import Path
 
@@ -171,16 +172,62 @@ class BodyTooLarge(Exception):
     """Raised inside :class:`BodyLimit` when a body without Content-Length grows too large."""
 
 
-def launch_options(max_file_size: str | int, max_body_bytes: int = 80 * 2**20) -> dict:
+class KnownEvents:
+    """ASGI middleware: a queue join naming an event the app does not have gets a 404 with a
+    one-line reason (Gradio itself answers 500 and prints a traceback for each such request)."""
+
+    def __init__(self, app, blocks, path: str = "/queue/join"):
+        self.app, self.blocks, self.path = app, blocks, path
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope.get("path", "").endswith(self.path):
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:  # the body is bounded by BodyLimit, which runs before this
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, _replay([message], receive), send)
+            chunks.append(message)
+            more = message.get("more_body", False)
+        body = b"".join(m.get("body", b"") for m in chunks)
+        try:
+            index = json.loads(body).get("fn_index")
+        except (ValueError, AttributeError):
+            index = None  # not a JSON object: Gradio's own validation answers
+        if isinstance(index, int) and not isinstance(index, bool) and index not in self.blocks.fns:
+            return await _json_response(send, 404, f"this app has no event {index}")
+        one = {"type": "http.request", "body": body, "more_body": False}
+        return await self.app(scope, _replay([one], receive), send)
+
+
+def _replay(messages: list, receive):
+    async def replayed():
+        return messages.pop(0) if messages else await receive()
+
+    return replayed
+
+
+async def _json_response(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def launch_options(max_file_size: str | int, max_body_bytes: int = 80 * 2**20, blocks=None) -> dict:
     """``demo.launch`` keyword arguments of the trust boundary (app.py and the tests use them):
-    the upload size limit, outputs served only from the session folders, the body limit."""
+    the upload size limit, outputs served only from the session folders, the body limit, and
+    (given the ``blocks``) a clean 404 for queue joins naming events that do not exist."""
     from starlette.middleware import Middleware
 
     from app.session import ROOT
 
     ROOT.mkdir(parents=True, exist_ok=True)
+    middleware = [Middleware(BodyLimit, max_bytes=max_body_bytes)]
+    if blocks is not None:
+        middleware.append(Middleware(KnownEvents, blocks=blocks))
     return {
         "max_file_size": max_file_size,
         "allowed_paths": [str(ROOT)],
-        "app_kwargs": {"middleware": [Middleware(BodyLimit, max_bytes=max_body_bytes)]},
+        "app_kwargs": {"middleware": middleware},
     }

@@ -63,7 +63,7 @@ def app_server() -> dict:
             prevent_thread_lock=True,
             quiet=True,
             show_error=True,
-            **launch_options("20mb", max_body_bytes=8 * 2**20),
+            **launch_options("20mb", max_body_bytes=8 * 2**20, blocks=demo),
         )
         atexit.register(demo.close)
         _APP.update(url=f"http://127.0.0.1:{port}/", demo=demo, manager=manager)

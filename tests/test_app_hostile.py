@@ -177,6 +177,19 @@ def test_data_urls_are_size_checked_before_decoding_and_bodies_are_bounded(url):
 # -- per-visitor model ----------------------------------------------------------------------
 
 
+def test_unknown_events_get_a_clean_refusal(url):
+    join = f"{url}gradio_api/queue/join"
+    for index in (10_000, -1):
+        body = {"data": [], "fn_index": index, "session_hash": uuid.uuid4().hex}
+        resp = httpx.post(join, json=body, timeout=30)
+        assert resp.status_code == 404, resp.text
+        assert resp.json() == {"detail": f"this app has no event {index}"}
+    # known events still run (the body is passed on intact); malformed bodies are Gradio's
+    r = _reconstruct(url, file_data(upload(url, EXAMPLES / "chelsea.png")))
+    assert r.ok, r.error
+    assert httpx.post(join, content=b"[1, 2]", timeout=30).status_code == 422
+
+
 def test_one_visitor_switching_models_changes_nothing_for_another(url):
     load = fn_index_by_elem(url, "model-load", "click")
     a, b = _sid(), _sid()
