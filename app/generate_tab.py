@@ -71,7 +71,9 @@ def _latent_picture(out: Generated) -> np.ndarray | None:
     """PCA colours of the generated tokens: one tile per latent frame, side by side."""
     if out.kind == "3d":
         return None
-    tiles = pca_image(out.latent.feats, out.latent.coords, upscale=16)  # [T, H, W, 3]
+    tiles = pca_image(
+        out.latent.feats, out.latent.coords, upscale=16 * DISPLAY_SCALE
+    )  # [T, H, W, 3]
     return np.concatenate(list(tiles), axis=1)
 
 
