@@ -173,7 +173,8 @@ def load_judge(kind: str, *, seed: int = 0, cache: str | Path | None = None, log
         judge = Judge(len(world.COLOURS), len(shapes))
         judge.load_state_dict(load_file(str(path)))
         return judge.eval()
-    judge = train_judge(kind, seed=seed, log=log)
+    with torch.enable_grad():  # callers may run under no_grad (evaluate_generator does)
+        judge = train_judge(kind, seed=seed, log=log)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(path))
     return judge

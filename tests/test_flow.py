@@ -246,3 +246,45 @@ def test_bundled_generator_makes_an_image():
     assert np.array_equal(out.image, again.image)  # seeded
     other = generate(tok, gen, "a photo of a red circle.", steps=6, seed=4)
     assert not np.array_equal(out.image, other.image)
+
+
+def test_eval_prompts_are_the_held_out_pairs():
+    from atoken import world
+    from atoken.flow_eval import prompt_specs
+
+    specs = prompt_specs("image", "held_out", 3, seed=0)
+    assert len(specs) == 3 * len(world.combinations("image", "held_out"))
+    assert all(world.is_held_out("image", s.shape, s.colour) for s in specs)
+    vids = prompt_specs("video", "held_out", 1, seed=0)
+    assert all(s.motion in world.MOTIONS for s in vids)
+
+
+def test_judge_scores_vote_over_frames():
+    from atoken import world
+    from atoken.flow_eval import Judge, judge_scores
+
+    class Fixed(Judge):
+        """Colour from the red channel of pixel (0, 0), shape from its green channel."""
+
+        def forward(self, images_u8):
+            px = images_u8[:, 0, 0].long()
+            c = torch.nn.functional.one_hot(px[:, 0] % 8, 8).float()
+            s = torch.nn.functional.one_hot(px[:, 1] % 8, 8).float()
+            return c, s, torch.zeros(len(px), 64)
+
+    def frames(colour: int, shapes: list[int]):
+        out = np.zeros((len(shapes), 4, 4, 3), np.uint8)
+        out[:, 0, 0, 0] = colour
+        out[:, 0, 0, 1] = shapes
+        return out
+
+    specs = [world.WorldSpec("image", "circle", "red"), world.WorldSpec("image", "star", "blue")]
+    star = world.SHAPES.index("star")
+    items = [frames(0, [0]), frames(2, [star, star, 0])]  # colour 0 = red, 2 = blue
+    scores = judge_scores(Fixed(8, 8), items, specs, world.SHAPES)
+    assert scores["colour"] == 1.0  # red is colour 0, blue colour 2
+    assert scores["shape"] == 1.0 and scores["both"] == 1.0  # 2 of 3 frames say star
+    wrong = judge_scores(
+        Fixed(8, 8), [frames(1, [0]), frames(2, [0, 0, star])], specs, world.SHAPES
+    )
+    assert wrong["colour"] == 0.5 and wrong["shape"] == 0.5 and wrong["both"] == 0.0
