@@ -48,6 +48,7 @@ def main() -> int:
     from atoken.flow_eval import evaluate_generator
 
     report = evaluate_generator(str(ASSET), samples=args.samples, kinds=("image", "video", "3d"))
+    report["generator"] = str(ASSET.relative_to(ROOT))
     REPORT.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
     return 0
