@@ -108,3 +108,27 @@ def test_cli_subcommands_parse():
         ["eval-generator", "--kinds", "image", "video", "--steps", "8"]
     )
     assert args.kinds == ["image", "video"] and args.steps == 8 and args.guidance == 4.0
+
+
+def test_folder_source_reads_sidecar_captions(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from atoken.flow_training import build_latent_set
+    from atoken.hub import load_pretrained
+    from atoken.text import load_text_tower
+
+    rng = np.random.default_rng(0)
+    for name, caption in (("a", "a photo of a red circle."), ("b", "a green square"), ("c", None)):
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(
+            tmp_path / f"{name}.png"
+        )
+        if caption:
+            (tmp_path / f"{name}.txt").write_text(caption + "\n")
+    tower = load_text_tower("minilm")
+    ls = build_latent_set(
+        {"type": "folder", "path": str(tmp_path), "size": 32}, load_pretrained("atoken-tiny"), tower
+    )
+    assert ls.captions == ["a photo of a red circle.", "a green square"]  # c has no caption
+    assert ls.feats.shape == (2 * 4, 48) and ls.offsets.tolist() == [0, 4, 8]
+    assert torch.allclose(ls.text, tower.encode(ls.captions))
