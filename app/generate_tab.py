@@ -20,6 +20,7 @@ import torch
 from app import handlers as h
 from app import inputs, viewer3d
 from app.session import friendly, run_dir
+from atoken import registry
 from atoken.flow import FlowTransformer, Generated, generate, load_generator, pooled_feature
 from atoken.media import write_image, write_video
 from atoken.pipeline import reconstruct_image
@@ -32,8 +33,6 @@ MAX_PROMPT = 300  # characters
 GUIDANCE_MAX = 15.0
 VIDEO_FPS = 8
 DISPLAY_SCALE = 4  # the tiny generator makes 64 px pictures: shown 4x larger (nearest)
-# session tokenizer -> generator trained on its latent space
-GENERATOR_FOR = {"atoken-tiny": "atoken-tiny-gen", "atoken-tiny-d": "atoken-tiny-gen"}
 CACHE_SIZE = 2
 EXAMPLES = [
     ["a photo of a red circle.", "image"],
@@ -48,7 +47,7 @@ _lock = threading.Lock()
 
 def generator_for(model_key: str) -> FlowTransformer:
     """The generator for a session's tokenizer (bounded LRU cache; readable error if none)."""
-    name = GENERATOR_FOR.get(model_key)
+    name = registry.generator_for(model_key)  # the generator trained on its latent space
     if name is None:
         raise gr.Error(
             f"No text-to-latent generator exists for {model_key}: the bundled atoken-tiny-gen "
@@ -133,7 +132,7 @@ def generate_handler(
         else None,
         "latent_shape": list(out.latent.feats.shape),
         "seconds": round(time.perf_counter() - t0, 2),
-        "generator": GENERATOR_FOR[key],
+        "generator": registry.generator_for(key),
         "tokenizer": key,
     }
     if out.template:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from atoken import registry
 from atoken.rope import rope_angles
 from atoken.sparse import SparseTensor
 from atoken.transformer import Context, FeedForward, SelfAttention
@@ -325,20 +326,19 @@ def coarse_voxels(coords_xyz: Tensor, cell: int = COARSE_CELL) -> tuple[Tensor, 
 # ---------------------------------------------------------------------------------------------
 # Saving and loading
 
-# Bundled generators by name -> file beside the bundled tokenizers (`atoken.hub.ASSETS`).
-GENERATORS: dict[str, str] = {"atoken-tiny-gen": "atoken-tiny-gen.safetensors"}
+# Generators by name -> file (from the model table, `atoken.registry`).
+GENERATORS: dict[str, str] = {
+    n: registry.MODELS[n].file for n in registry.names(role="generator", source="bundled")
+}
 
 
 def generator_path(name: str) -> Path:
     """File of a bundled generator (``atoken-tiny-gen``); raises if unknown or missing."""
-    from atoken.hub import ASSETS
+    from atoken.hub import locate
 
     if name not in GENERATORS:
         raise ValueError(f"unknown generator {name!r}; choose one of {list(GENERATORS)}")
-    path = ASSETS / GENERATORS[name]
-    if not path.is_file():
-        raise FileNotFoundError(f"bundled generator {GENERATORS[name]} is missing from {ASSETS}")
-    return path
+    return locate(name)
 
 
 def save_generator(model: FlowTransformer, path: str | Path, dtype: str = "float16", **meta):

@@ -73,10 +73,17 @@ def is_available(name: str) -> bool:
     return cached_path(name) is not None
 
 
-def _expect(name: str, role: str, loader: str) -> registry.ModelSpec:
+LOADERS = {
+    "autoencoder": "atoken.load_pretrained",
+    "gaussian-decoder": "atoken.load_pretrained_gs",
+    "generator": "atoken.flow.load_generator",
+}
+
+
+def _expect(name: str, role: str) -> registry.ModelSpec:
     spec = registry.spec(name)
     if spec.role != role:
-        raise ValueError(f"{name} is a {spec.role}; load it with atoken.{loader}({name!r})")
+        raise ValueError(f"{name} is a {spec.role}; load it with {LOADERS[spec.role]}({name!r})")
     return spec
 
 
@@ -97,7 +104,7 @@ def load_pretrained(
     """An autoencoder by name: ``so-c``, ``so-d``, ``so-c-s1``, ``so-c-s2`` (official, from the
     cache or downloaded when ``download=True``), the bundled ``atoken-tiny`` / ``atoken-tiny-d``,
     or an untrained ``random-tiny`` / ``random-tiny-d`` (fixed seed)."""
-    spec = _expect(name, "autoencoder", "load_pretrained_gs")
+    spec = _expect(name, "autoencoder")
     if spec.source == "random":
         return _random(spec, device, dtype)
     return load(locate(name, download_missing=download), spec.preset, device=device, dtype=dtype)
@@ -112,6 +119,8 @@ def load_pretrained_gs(
     """A 3D Gaussian decoder by its own name (``gs``, ``atoken-tiny-gs``, ``random-tiny-gs``) or
     by the name of the autoencoder it pairs with (``so-c`` gives ``gs``)."""
     spec = registry.spec(name)
+    if spec.role == "generator":
+        _expect(name, "gaussian-decoder")
     if spec.role == "autoencoder":
         if spec.gaussian_decoder is None:
             raise ValueError(f"{name} has no Gaussian decoder")

@@ -24,7 +24,7 @@ OFFICIAL_LICENCE = (
 )
 OUR_LICENCE = "ours: the repository's licence (trained with atoken.training on licence-clear data)"
 
-ROLES = ("autoencoder", "gaussian-decoder")
+ROLES = ("autoencoder", "gaussian-decoder", "generator")
 SOURCES = ("bundled", "official", "random")
 
 # Untrained stand-ins shaped like a small AToken whose pooled feature (384 dims) pairs with the
@@ -48,7 +48,8 @@ class ModelSpec:
     :mod:`atoken.config` / :mod:`atoken.gs_decoder`, a config object (random models), or
     ``None`` when the file's metadata holds it. ``continuous`` / ``discrete`` name the siblings
     sharing this model's encoder (itself included); ``gaussian_decoder`` the 3D decoder for its
-    latents.
+    latents; ``generator`` the text-to-latent flow model trained on its latents (a generator's
+    ``tokenizer`` is the autoencoder whose latents it makes).
     """
 
     name: str
@@ -60,6 +61,8 @@ class ModelSpec:
     continuous: str | None = None
     discrete: str | None = None
     gaussian_decoder: str | None = None
+    generator: str | None = None
+    tokenizer: str | None = None
     licence: str = OUR_LICENCE
     size: int | None = None  # official files: bytes and sha256 once someone has downloaded them
     sha256: str | None = None
@@ -97,6 +100,7 @@ MODELS: dict[str, ModelSpec] = {
             "bundled",
             file="atoken-tiny.safetensors",
             gaussian_decoder="atoken-tiny-gs",
+            generator="atoken-tiny-gen",
             **_TINY,
         ),
         _ae(
@@ -105,9 +109,17 @@ MODELS: dict[str, ModelSpec] = {
             file="atoken-tiny-d.safetensors",
             is_discrete=True,
             gaussian_decoder="atoken-tiny-gs",
+            generator="atoken-tiny-gen",  # its encoder is atoken-tiny's
             **_TINY,
         ),
         _gs("atoken-tiny-gs", "bundled", file="atoken-tiny-gs.safetensors"),
+        ModelSpec(
+            "atoken-tiny-gen",
+            "generator",
+            "bundled",
+            file="atoken-tiny-gen.safetensors",
+            tokenizer="atoken-tiny",
+        ),
         _ae(
             "so-c",
             "official",
@@ -191,6 +203,12 @@ def sibling(name: str, discrete: bool) -> str | None:
     """The continuous or discrete model sharing ``name``'s encoder (None: unknown or none)."""
     s = MODELS.get(name)
     return None if s is None else s.sibling(discrete)
+
+
+def generator_for(name: str) -> str | None:
+    """Name of the text-to-latent generator trained on an autoencoder's latents (None: none)."""
+    s = MODELS.get(name)
+    return None if s is None else s.generator
 
 
 def gaussian_decoder_for(name: str) -> str | None:

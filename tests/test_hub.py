@@ -51,12 +51,16 @@ def test_one_table_says_what_goes_together():
     assert registry.sibling("so-c-s1", True) == "so-d" and registry.sibling("so-d", False) == "so-c"
     assert registry.gaussian_decoder_for("so-c-s2") == "gs"
     assert registry.gaussian_decoder_for("atoken-tiny-d") == "atoken-tiny-gs"
+    assert registry.generator_for("atoken-tiny") == "atoken-tiny-gen"
+    assert registry.MODELS["atoken-tiny-gen"].tokenizer == "atoken-tiny"
     # every sibling and pairing names an entry of the right role
     for spec in registry.MODELS.values():
         for other in (spec.continuous, spec.discrete):
             assert other is None or registry.MODELS[other].role == "autoencoder"
         if spec.gaussian_decoder:
             assert registry.MODELS[spec.gaussian_decoder].role == "gaussian-decoder"
+        if spec.generator:
+            assert registry.MODELS[spec.generator].role == "generator"
     # the downloader's file list is the table's official entries
     assert atoken.download.OFFICIAL_WEIGHTS["so-c-s2"].filename == "atoken-soc-s2.pt"
     assert set(atoken.download.OFFICIAL_WEIGHTS) == set(registry.names(source="official"))
@@ -65,6 +69,8 @@ def test_one_table_says_what_goes_together():
 def test_each_loader_returns_one_kind():
     with pytest.raises(ValueError, match="load_pretrained_gs"):
         load_pretrained("atoken-tiny-gs")
+    with pytest.raises(ValueError, match="flow.load_generator"):
+        load_pretrained("atoken-tiny-gen")
     with pytest.raises(ValueError, match="unknown model"):
         load_pretrained_gs("so-x")
     a, b = load_pretrained("random-tiny"), load_pretrained("random-tiny")

@@ -20,7 +20,12 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINTS = ("atoken-tiny.safetensors", "atoken-tiny-d.safetensors", "atoken-tiny-gs.safetensors")
+CHECKPOINTS = (
+    "atoken-tiny.safetensors",
+    "atoken-tiny-d.safetensors",
+    "atoken-tiny-gs.safetensors",
+    "atoken-tiny-gen.safetensors",
+)
 
 
 def run(cmd: list[str], cwd: Path, timeout: float = 300) -> str:
