@@ -123,7 +123,7 @@ def limits_from_args(args: argparse.Namespace, device: str):
     from dataclasses import replace
 
     from app.handlers import Limits
-    from atoken.budget import Budget
+    from atoken.io.budget import Budget
 
     budget = Budget.for_device(device)
     overrides = {

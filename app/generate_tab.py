@@ -1,4 +1,4 @@
-"""The "Text to image / video / 3D" sub-tab: a prompt in, new content out (`atoken.flow`).
+"""The "Text to image / video / 3D" sub-tab: a prompt in, new content out (`atoken.pipelines.flow`).
 
 The generator matches the session's tokenizer (the bundled ``atoken-tiny-gen`` was trained on
 ``atoken-tiny``'s latents; ``atoken-tiny-d`` shares that encoder, so it decodes them too). It is
@@ -20,12 +20,18 @@ import torch
 from app import handlers as h
 from app import inputs, viewer3d
 from app.session import friendly, run_dir
-from atoken import registry
-from atoken.flow import FlowTransformer, Generated, generate, load_generator, pooled_feature
-from atoken.media import write_image, write_video
-from atoken.pipeline import reconstruct_image
-from atoken.sparse import SparseTensor
-from atoken.visualize import pca_image
+from atoken.core.sparse import SparseTensor
+from atoken.io.media import write_image, write_video
+from atoken.pipelines.flow import (
+    FlowTransformer,
+    Generated,
+    generate,
+    load_generator,
+    pooled_feature,
+)
+from atoken.pipelines.reconstruct import reconstruct_image
+from atoken.pipelines.visualize import pca_image
+from atoken.pretrained import registry
 
 KINDS = ["image", "video", "3d"]
 MAX_STEPS = 100

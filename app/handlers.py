@@ -28,12 +28,11 @@ from app import inputs
 from app.models import ModelManager, download_official
 from app.session import error_message, friendly, log, run_dir
 from app.uploads import upload_path
-from atoken import registry
-from atoken.budget import Budget, check_video_budget, image_header_size, plan_image
-from atoken.codecs import LABELS, compare_codecs, encode_image
-from atoken.download import cached_path
-from atoken.generation import edit_tokens, interpolate, posterior_variations, save_image_tokens
-from atoken.media import (
+from atoken.core.model import ATokenModel, Encoded
+from atoken.core.patchify import to_model_range
+from atoken.core.sparse import SparseTensor
+from atoken.io.budget import Budget, check_video_budget, image_header_size, plan_image
+from atoken.io.media import (
     MediaError,
     kind_of,
     prepare_image,
@@ -42,15 +41,22 @@ from atoken.media import (
     write_image,
     write_video,
 )
-from atoken.mesh import MeshError, load_mesh, mesh_to_glb
-from atoken.mesh_count import count_mesh_elements
-from atoken.metrics import MIN_SIDE, effnet_taps, error_heatmap, perceptual_distance, psnr
-from atoken.model import ATokenModel, Encoded
-from atoken.patchify import to_model_range
-from atoken.pipeline import VideoLimits, check_video, reconstruct_image, reconstruct_video
-from atoken.rate import token_rate
-from atoken.sparse import SparseTensor
-from atoken.visualize import (
+from atoken.pipelines.codecs import LABELS, compare_codecs, encode_image
+from atoken.pipelines.generation import (
+    edit_tokens,
+    interpolate,
+    posterior_variations,
+    save_image_tokens,
+)
+from atoken.pipelines.metrics import MIN_SIDE, effnet_taps, error_heatmap, perceptual_distance, psnr
+from atoken.pipelines.rate import token_rate
+from atoken.pipelines.reconstruct import (
+    VideoLimits,
+    check_video,
+    reconstruct_image,
+    reconstruct_video,
+)
+from atoken.pipelines.visualize import (
     channel_maps,
     code_usage_figure,
     fit_pca,
@@ -62,7 +68,9 @@ from atoken.visualize import (
     rate_distortion_figure,
     value_histogram_figure,
 )
-from atoken.zeroshot import (
+from atoken.pretrained import registry
+from atoken.pretrained.download import cached_path
+from atoken.text.zeroshot import (
     classify,
     classify_features,
     load_video,
@@ -71,6 +79,8 @@ from atoken.zeroshot import (
     probability_figure,
     resolve_text_tower,
 )
+from atoken.threed.mesh import MeshError, load_mesh, mesh_to_glb
+from atoken.threed.mesh_count import count_mesh_elements
 
 CONTINUOUS, DISCRETE = "continuous (KL)", "discrete (FSQ)"
 FROM_IMAGE, FROM_VIDEO, FROM_3D, NEW_UPLOAD = "image tab", "video tab", "3D tab", "new upload"
@@ -626,7 +636,9 @@ def preview_video(video, stride, max_frames, request: gr.Request = None) -> str:
     except Exception as e:  # noqa: BLE001 - said here; the run's check says it again
         return f"**Cannot use this file:** {error_message(e)}"
     about = "" if info.counted else "about "
-    text = f"This clip: {about}{info.num_frames} frames at {info.fps:g} fps ({info.duration:.1f} s)."
+    text = (
+        f"This clip: {about}{info.num_frames} frames at {info.fps:g} fps ({info.duration:.1f} s)."
+    )
     done = math.ceil(info.num_frames / stride)
     if frames:
         done = min(done, frames)
@@ -732,7 +744,7 @@ def coverage_note(frames: int, fps: float, stride: int, done: int, *, ahead: boo
     return (
         f"Only the first {used} of {frames} frames ({seconds}) "
         f"{'will be' if ahead else 'were'} reconstructed: raise "
-        "\"max frames\" (or the frame stride) to cover more."
+        '"max frames" (or the frame stride) to cover more.'
     )
 
 
@@ -814,7 +826,7 @@ def reconstruct_3d_handler(
     progress=gr.Progress(),  # noqa: B008
 ):
     """Mesh -> voxels -> tokens -> Gaussians: input and .ply viewers, turntable, metrics."""
-    from atoken import pipeline3d
+    from atoken.pipelines import reconstruct3d as pipeline3d
 
     views, resolution, frames = _mesh_inputs(num_views, resolution, turntable_frames)
     path = _mesh(mesh, request)
@@ -909,7 +921,7 @@ def _classify_upload(path: str, names: list[str], kind: str, model_key: str | No
             )
         item = load_video(path, num_frames=16, max_side=ZERO_SHOT_SIDE)
     else:
-        from atoken.mesh_render import mesh_to_voxels
+        from atoken.threed.mesh_render import mesh_to_voxels
 
         feats, coords = mesh_to_voxels(_load_mesh(path))
         item, modality = (np.asarray(feats, np.float32), np.asarray(coords)), "3d"
@@ -1066,8 +1078,11 @@ def variations_handler(
     for i, f in enumerate(frames):
         moved = int(np.abs(f.astype(np.int16) - rec).max())
         gallery.append(
-            (f, f"seed {used + i}: {_db(psnr(f, rec, data_range=255))} from the reconstruction, "
-             f"pixels moved by at most {moved}/255")
+            (
+                f,
+                f"seed {used + i}: {_db(psnr(f, rec, data_range=255))} from the reconstruction, "
+                f"pixels moved by at most {moved}/255",
+            )
         )
     return gallery, used
 

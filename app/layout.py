@@ -10,8 +10,8 @@ from app import cache_writes, generate_tab, viewer3d
 from app import handlers as h
 from app.models import ModelManager
 from app.session import cleanup_session
-from atoken.media import IMAGE_EXTENSIONS, MESH_EXTENSIONS, VIDEO_EXTENSIONS
-from atoken.visualize import HOW_TO_READ
+from atoken.io.media import IMAGE_EXTENSIONS, MESH_EXTENSIONS, VIDEO_EXTENSIONS
+from atoken.pipelines.visualize import HOW_TO_READ
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLE_IMAGES = sorted(str(p) for p in (ASSETS / "examples").glob("*.png"))
@@ -409,7 +409,7 @@ def _wire(demo, status, model_st, im, vi, a3, zs, ge, image_st, video_st, asset_
     private = {"api_visibility": "private"}
     # Every event taking a file gets the raw payload (preprocess=False): Gradio's own
     # preprocessing would open payloads it has not checked; app.uploads.upload_path accepts
-    # only this server's uploads, and the validators and atoken.media read them with limits
+    # only this server's uploads, and the validators and atoken.io.media read them with limits
     # and readable errors.
     raw = {"preprocess": False}
     # image

@@ -25,14 +25,14 @@ import numpy as np
 import torch
 
 from app.session import ServerBusy
-from atoken import registry
-from atoken.attention import attention_backend
-from atoken.checkpoint import load, resolve_dtype
-from atoken.download import cached_path, download
-from atoken.gs_decoder import GaussianDecoder
-from atoken.hub import bundled_path, is_available, load_pretrained, load_pretrained_gs
-from atoken.model import ATokenModel
-from atoken.pipeline import reconstruct_image
+from atoken.core.attention import attention_backend
+from atoken.core.checkpoint import load, resolve_dtype
+from atoken.core.gs_decoder import GaussianDecoder
+from atoken.core.model import ATokenModel
+from atoken.pipelines.reconstruct import reconstruct_image
+from atoken.pretrained import registry
+from atoken.pretrained.download import cached_path, download
+from atoken.pretrained.hub import bundled_path, is_available, load_pretrained, load_pretrained_gs
 
 RANDOM_C = registry.RANDOM_TINY  # untrained stand-ins (the model table's random entries)
 RANDOM = registry.names(source="random", role="autoencoder")
@@ -76,7 +76,7 @@ def weights_dir_files(folder: Path | None) -> dict[str, Path]:
 
 
 def entries(custom_path: str | None = None, weights_dir: Path | None = None) -> list[Entry]:
-    """Every model the panel lists (the autoencoders of atoken.registry, then the operator's
+    """Every model the panel lists (the autoencoders of atoken.pretrained.registry, then the operator's
     files), with whether it can be loaded now."""
     out = []
     for key in registry.names(role="autoencoder"):
@@ -120,7 +120,7 @@ def sibling_key(key: str, discrete: bool) -> str | None:
 
 
 def gs_key(key: str) -> str:
-    """Name of the Gaussian decoder that pairs with a model (atoken.registry's pairing); an
+    """Name of the Gaussian decoder that pairs with a model (atoken.pretrained.registry's pairing); an
     untrained one for the operator's own files and when the bundled atoken-tiny-gs is missing."""
     name = registry.gaussian_decoder_for(key) or "random-tiny-gs"
     if registry.MODELS[name].source == "bundled" and not is_available(name):
@@ -320,7 +320,7 @@ class ModelManager:
     def preload(self) -> list[str]:
         """Load what the start model's tabs use (its sibling, Gaussian decoder, text tower), so
         the first visitors wait less and memory reaches its working size at start."""
-        from atoken.zeroshot import resolve_text_tower
+        from atoken.text.zeroshot import resolve_text_tower
 
         loaded = []
         for discrete in (False, True):

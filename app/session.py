@@ -20,10 +20,10 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from atoken.checkpoint import CheckpointError
-from atoken.download import DownloadError
-from atoken.media import MediaError
-from atoken.text import TextTowerUnavailable
+from atoken.core.checkpoint import CheckpointError
+from atoken.io.media import MediaError
+from atoken.pretrained.download import DownloadError
+from atoken.text.towers import TextTowerUnavailable
 
 log = logging.getLogger("atoken.app")
 ROOT = Path(tempfile.gettempdir()) / "atoken-app"

@@ -19,7 +19,7 @@ from pathlib import Path
 from gradio.utils import get_upload_folder
 
 from app.session import run_dir
-from atoken.media import MediaError
+from atoken.io.media import MediaError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 NOT_AN_UPLOAD = "that file is not an upload of this app (or it has expired): upload it again"

@@ -8,7 +8,7 @@ and keeps its built-in camera (``Canvas3DGS-*.js`` in Gradio 6.31):
 * ``OrbitControls(camera, canvas)`` with alpha = beta = 0.5 rad and radius 5 around the origin,
   the camera at ``5 (sin a cos b, -sin b, -cos a cos b)``;
 * a pinhole with ``fx = fy = 1132`` px whatever the canvas size, whose projection sends world
-  +y down the screen (3DGS's y-down convention, see :data:`atoken.gaussians.PLY_FRAMES`);
+  +y down the screen (3DGS's y-down convention, see :data:`atoken.core.gaussians.PLY_FRAMES`);
 * a black background (the canvas's inline style, cleared to transparent).
 
 Babylon (right-handed, glTF's +y up) puts an ``ArcRotateCamera`` at

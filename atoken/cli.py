@@ -11,17 +11,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from atoken import registry
-from atoken.attention import BACKENDS, attention_backend
-from atoken.checkpoint import load, load_gaussian_decoder
-from atoken.hub import (
+from atoken.core.attention import BACKENDS, attention_backend
+from atoken.core.checkpoint import load, load_gaussian_decoder
+from atoken.io.media import MediaError, kind_of
+from atoken.pretrained import registry
+from atoken.pretrained.hub import (
     MODEL_NAMES,
     available_models,
     bundled_path,
     load_pretrained,
     load_pretrained_gs,
 )
-from atoken.media import MediaError, kind_of
 
 DEFAULT_MODEL = "atoken-tiny"
 
@@ -60,7 +60,7 @@ def load_model(args: argparse.Namespace):
 
 
 def load_gs_decoder(args: argparse.Namespace):
-    """The Gaussian decoder paired with the chosen model (atoken.registry's pairing)."""
+    """The Gaussian decoder paired with the chosen model (atoken.pretrained.registry's pairing)."""
     if args.gs_weights:
         return load_gaussian_decoder(
             args.gs_weights, args.gs_config, device=args.device, dtype=args.dtype
@@ -93,7 +93,7 @@ def apply_budget(args: argparse.Namespace) -> None:
     """
     if args.no_budget:
         return
-    from atoken.budget import Budget, check_video_budget, plan_image
+    from atoken.io.budget import Budget, check_video_budget, plan_image
 
     budget = Budget.for_device(args.device)
     kind = kind_of(args.input)
@@ -104,7 +104,7 @@ def apply_budget(args: argparse.Namespace) -> None:
                 print(f"note: {plan.note}", file=sys.stderr)
             args.max_side = plan.max_side
         elif kind == "video":
-            from atoken.pipeline import VideoLimits, check_video
+            from atoken.pipelines.reconstruct import VideoLimits, check_video
 
             limits = VideoLimits(
                 max_frames=budget.max_frames, max_read_frames=budget.max_read_frames
@@ -126,7 +126,7 @@ def apply_budget(args: argparse.Namespace) -> None:
                 max_frames=args.max_frames,
             )
         elif Path(args.input).suffix.lower() != ".zip":
-            from atoken.mesh_count import count_mesh_elements
+            from atoken.threed.mesh_count import count_mesh_elements
 
             counts = count_mesh_elements(args.input)
             if counts.faces > budget.max_faces or counts.vertices > budget.max_vertices:
@@ -139,7 +139,7 @@ def apply_budget(args: argparse.Namespace) -> None:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from atoken.pipeline import reconstruct_image, reconstruct_video
+    from atoken.pipelines.reconstruct import reconstruct_image, reconstruct_video
 
     kind = kind_of(args.input)
     apply_budget(args)
@@ -148,7 +148,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         res = reconstruct_image(
             model, args.input, max_side=args.max_side, mode=args.mode, seed=args.seed
         )
-        from atoken.media import write_image
+        from atoken.io.media import write_image
 
         write_image(args.output, res.reconstruction)
         report = res.metrics()
@@ -178,7 +178,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
             "files": {k: str(v) for k, v in res.files.items() if k != "reconstruction"},
         }
     else:
-        from atoken.pipeline3d import reconstruct_asset
+        from atoken.pipelines.reconstruct3d import reconstruct_asset
 
         gs = load_gs_decoder(args)
         res = reconstruct_asset(
@@ -198,8 +198,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from atoken.budget import Budget
-    from atoken.pipeline import encode_file
+    from atoken.io.budget import Budget
+    from atoken.pipelines.reconstruct import encode_file
 
     apply_budget(args)
     model = load_model(args)
@@ -224,7 +224,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from atoken.pipeline import decode_file, read_token_file
+    from atoken.pipelines.reconstruct import decode_file, read_token_file
 
     if not args.weights and not args.model:
         _, meta = read_token_file(args.tokens)
@@ -242,7 +242,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from atoken.zeroshot import classify_file, parse_labels
+    from atoken.text.zeroshot import classify_file, parse_labels
 
     model = load_model(args)
     probs = classify_file(model, args.input, parse_labels(args.labels))
@@ -255,14 +255,14 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from atoken.training import train_from_config
+    from atoken.training.trainer import train_from_config
 
     train_from_config(args.config, **parse_overrides(args.set))
     return 0
 
 
 def cmd_train_generator(args: argparse.Namespace) -> int:
-    from atoken.flow_training import train_generator
+    from atoken.training.flow import train_generator
 
     res = train_generator(args.config, **parse_overrides(args.set))
     print(f"{res.steps} steps in {res.seconds / 60:.1f} min -> {res.checkpoint}")
@@ -270,7 +270,7 @@ def cmd_train_generator(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_generator(args: argparse.Namespace) -> int:
-    from atoken.flow_eval import evaluate_generator
+    from atoken.training.flow_eval import evaluate_generator
 
     report = evaluate_generator(
         args.generator,
@@ -308,7 +308,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from atoken.evaluate import evaluate_folder
+    from atoken.training.evaluate import evaluate_folder
 
     model = load_model(args)
     report = evaluate_folder(
@@ -333,7 +333,7 @@ def _jsonable(obj):
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from atoken.download import OFFICIAL_WEIGHTS, download
+    from atoken.pretrained.download import OFFICIAL_WEIGHTS, download
 
     for name in args.names:
         print(f"{name}: {OFFICIAL_WEIGHTS[name].licence}", file=sys.stderr)
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument(
             "--no-budget",
             action="store_true",
-            help="lift the default work budget (tokens, pixels, frames, faces: atoken.budget)",
+            help="lift the default work budget (tokens, pixels, frames, faces: atoken.io.budget)",
         )
 
     q = sub.add_parser("reconstruct", help="image/video/mesh -> reconstruction")

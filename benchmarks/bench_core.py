@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import atoken  # noqa: E402
-from atoken.attention import attention_backend, compiled_function  # noqa: E402
+from atoken.core.attention import attention_backend, compiled_function  # noqa: E402
 
 
 def matmul_peak(device: str, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -94,7 +94,7 @@ def main() -> None:
     p.add_argument("--sizes", default="256,512")
     p.add_argument("--skip-compile", action="store_true")
     args = p.parse_args()
-    dtype = atoken.checkpoint.resolve_dtype(args.dtype)
+    dtype = atoken.core.checkpoint.resolve_dtype(args.dtype)
     results: dict = {
         "preset": args.preset,
         "device": args.device,

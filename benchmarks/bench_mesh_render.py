@@ -25,9 +25,9 @@ import trimesh
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from atoken import multiview  # noqa: E402
-from atoken.mesh import load_mesh  # noqa: E402
-from atoken.mesh_render import (  # noqa: E402
+from atoken.threed import multiview  # noqa: E402
+from atoken.threed.mesh import load_mesh  # noqa: E402
+from atoken.threed.mesh_render import (  # noqa: E402
     DEFAULT_RESOLUTION,
     DEFAULT_VIEWS,
     default_cameras,

@@ -25,9 +25,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from atoken.cameras import turntable_cameras  # noqa: E402
-from atoken.gaussians import Gaussians  # noqa: E402
-from atoken.rasterize import render_gaussians  # noqa: E402
+from atoken.core.cameras import turntable_cameras  # noqa: E402
+from atoken.core.gaussians import Gaussians  # noqa: E402
+from atoken.threed.rasterize import render_gaussians  # noqa: E402
 
 
 def shell_scene(num: int, seed: int = 0) -> Gaussians:

@@ -1,8 +1,8 @@
 """Tokens against per-patch PCA-48 and JPEG / WebP / AVIF at the tokens' bits.
 
 1. Time: what the codec comparison adds to one reconstruction of a 512x512 photo (astronaut,
-   public domain) on CPU: token bit count (`atoken.rate.token_rate`), the tokens' perceptual
-   and Frechet distances, and `atoken.codecs.compare_codecs` (three codecs at the budget with
+   public domain) on CPU: token bit count (`atoken.pipelines.rate.token_rate`), the tokens' perceptual
+   and Frechet distances, and `atoken.pipelines.codecs.compare_codecs` (three codecs at the budget with
    PSNR/SSIM/perceptual, plus PSNR curves at five qualities each).
 2. Quality on the model card's four held-out photos (scikit-image chelsea, coffee,
    immunohistochemistry, camera): atoken-tiny and atoken-tiny-d against per-patch PCA-48
@@ -28,10 +28,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from atoken import data  # noqa: E402
-from atoken.codecs import compare_codecs  # noqa: E402
-from atoken.hub import load_pretrained  # noqa: E402
-from atoken.metrics import (  # noqa: E402
+from atoken.pipelines.codecs import compare_codecs  # noqa: E402
+from atoken.pipelines.metrics import (  # noqa: E402
     effnet_taps,
     frechet_distance_from_features,
     frechet_positions,
@@ -39,9 +37,11 @@ from atoken.metrics import (  # noqa: E402
     psnr,
     ssim,
 )
-from atoken.pipeline import reconstruct_image  # noqa: E402
-from atoken.rate import token_rate  # noqa: E402
-from atoken.training import pca_reconstruct  # noqa: E402
+from atoken.pipelines.rate import token_rate  # noqa: E402
+from atoken.pipelines.reconstruct import reconstruct_image  # noqa: E402
+from atoken.pretrained.hub import load_pretrained  # noqa: E402
+from atoken.training import data  # noqa: E402
+from atoken.training.trainer import pca_reconstruct  # noqa: E402
 
 TEST_PHOTOS = ("chelsea", "coffee", "immunohistochemistry", "camera")
 TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "retina")

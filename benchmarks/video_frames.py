@@ -42,10 +42,14 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from atoken import data, training, world  # noqa: E402
-from atoken.checkpoint import load  # noqa: E402
-from atoken.hub import load_pretrained  # noqa: E402
-from atoken.metrics import psnr  # noqa: E402
+from atoken import training  # noqa: E402
+from atoken.core.checkpoint import load  # noqa: E402
+from atoken.pipelines.metrics import psnr  # noqa: E402
+from atoken.pretrained.hub import load_pretrained  # noqa: E402
+from atoken.training import (
+    data,  # noqa: E402
+    world,  # noqa: E402
+)
 
 TEST_PHOTOS = ("chelsea", "coffee", "immunohistochemistry", "camera")
 PT = 4  # frames per temporal patch

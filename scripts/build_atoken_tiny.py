@@ -12,7 +12,7 @@ polish of proj + decoder (encoder frozen), then from 3b: 4 FSQ with the same fro
 ``assets/atoken-tiny-d.safetensors`` (proj + decoder only; its encoder is atoken-tiny's), both
 float16 with the config in the metadata. Training data: scikit-image's astronaut, rocket,
 hubble_deep_field and retina, ``assets/video/bigbuckbunny_512x288.mp4``, ``assets/meshes`` and
-the generated world (`atoken.world`). Held out for evaluation: the photos chelsea, coffee,
+the generated world (`atoken.training.world`). Held out for evaluation: the photos chelsea, coffee,
 immunohistochemistry and camera, and the world's held-out attribute pairs.
 Everything is written to ``--out`` (default ``build/atoken-tiny``), the report to
 ``report.json`` there.
@@ -35,9 +35,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import video_frames  # noqa: E402
 
-from atoken import data, training  # noqa: E402
-from atoken.evaluate import evaluate_folder  # noqa: E402
-from atoken.metrics import psnr, ssim  # noqa: E402
+from atoken import training  # noqa: E402
+from atoken.pipelines.metrics import psnr, ssim  # noqa: E402
+from atoken.training import data  # noqa: E402
+from atoken.training.evaluate import evaluate_folder  # noqa: E402
 
 # stage -> the stage it starts from
 STAGES = {
@@ -182,7 +183,7 @@ def evaluate(cont_path: Path, disc_path: Path, out: Path) -> dict:
             for name, m in (("atoken-tiny", cont), ("atoken-tiny-d", disc))
         }
     # videos: a generated held-out clip set and the (seen) training video
-    from atoken import world
+    from atoken.training import world
 
     rng = np.random.default_rng(5)
     clips = [

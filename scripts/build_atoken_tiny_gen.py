@@ -34,7 +34,7 @@ def main() -> int:
 
     torch.set_num_threads(1)
     if not args.eval_only:
-        from atoken.flow_training import train_generator
+        from atoken.training.flow import train_generator
 
         t0 = time.time()
         res = train_generator(CONFIG, resume="auto")
@@ -45,7 +45,7 @@ def main() -> int:
         )
     if args.train_only:
         return 0
-    from atoken.flow_eval import evaluate_generator
+    from atoken.training.flow_eval import evaluate_generator
 
     report = evaluate_generator(str(ASSET), samples=args.samples, kinds=("image", "video", "3d"))
     report["generator"] = str(ASSET.relative_to(ROOT))

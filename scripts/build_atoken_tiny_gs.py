@@ -3,7 +3,7 @@
     python scripts/build_atoken_tiny_gs.py                 # everything (~25 min data + training)
     python scripts/build_atoken_tiny_gs.py --eval-only     # metrics of the current checkpoint
 
-Data: procedural meshes (``atoken.gs_training.random_asset``) packed with the app's
+Data: procedural meshes (``atoken.training.gs.random_asset``) packed with the app's
 ``mesh_to_voxels`` defaults, cached under ``--data`` (train seed 1, held-out test seed 2).
 Training: rendering loss (L1 + 0.2 (1 - SSIM)) through the differentiable deferred renderer,
 on random crops of about 5k voxels, with noise / blur augmentation of the input features.
@@ -25,9 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from atoken.checkpoint import load_gaussian_decoder  # noqa: E402
-from atoken.gs_decoder import GaussianDecoder  # noqa: E402
-from atoken.gs_training import (  # noqa: E402
+from atoken.core.checkpoint import load_gaussian_decoder  # noqa: E402
+from atoken.core.gs_decoder import GaussianDecoder  # noqa: E402
+from atoken.io.media import MESH_EXTENSIONS  # noqa: E402
+from atoken.training.gs import (  # noqa: E402
     GSTrainConfig,
     build_dataset,
     evaluate_meshes,
@@ -37,7 +38,6 @@ from atoken.gs_training import (  # noqa: E402
     tiny_gs_config,
     train_gs_decoder,
 )
-from atoken.media import MESH_EXTENSIONS  # noqa: E402
 
 EXAMPLES = sorted(p for p in (ROOT / "assets" / "meshes").iterdir() if p.suffix in MESH_EXTENSIONS)
 
@@ -46,9 +46,9 @@ def chain_timings(decoder: GaussianDecoder, model_name: str, folder: Path) -> di
     """Seconds of ``pipeline3d.reconstruct_asset`` (mesh -> voxels -> tokens -> Gaussians ->
     .ply, metrics included) per example, plus re-reading the .ply."""
     import atoken
-    from atoken.gaussians import Gaussians
-    from atoken.hub import bundled_path
-    from atoken.pipeline3d import reconstruct_asset
+    from atoken.core.gaussians import Gaussians
+    from atoken.pipelines.reconstruct3d import reconstruct_asset
+    from atoken.pretrained.hub import bundled_path
 
     if model_name == "atoken-tiny":
         if bundled_path("atoken-tiny") is None:

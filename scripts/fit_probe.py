@@ -25,11 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from build_atoken_tiny import TEST_PHOTOS, TRAIN_PHOTOS  # noqa: E402
 
-from atoken import data, training  # noqa: E402
-from atoken.metrics import psnr  # noqa: E402
-from atoken.model import ATokenModel  # noqa: E402
-from atoken.patchify import tokenize  # noqa: E402
-from atoken.sparse import SparseTensor  # noqa: E402
+from atoken import training  # noqa: E402
+from atoken.core.model import ATokenModel  # noqa: E402
+from atoken.core.patchify import tokenize  # noqa: E402
+from atoken.core.sparse import SparseTensor  # noqa: E402
+from atoken.pipelines.metrics import psnr  # noqa: E402
+from atoken.training import data  # noqa: E402
 
 
 def main() -> None:

@@ -29,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from build_atoken_tiny import ROOT, TEST_PHOTOS  # noqa: E402
 
-from atoken import data, metrics, training  # noqa: E402
+from atoken import training  # noqa: E402
+from atoken.pipelines import metrics  # noqa: E402
+from atoken.training import data  # noqa: E402
 
 # the photos atoken-tiny's last stage trained on (its first data source)
 STAGE = ROOT / "configs" / "train" / "atoken_tiny_s3c_mse.yaml"

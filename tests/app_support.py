@@ -30,8 +30,8 @@ _APP: dict = {}
 def small_limits():
     """Tight limits and a small work budget so the limit checks can be exercised cheaply."""
     from app.handlers import Limits
-    from atoken.budget import Budget
-    from atoken.pipeline import VideoLimits
+    from atoken.io.budget import Budget
+    from atoken.pipelines.reconstruct import VideoLimits
 
     budget = Budget(
         max_tokens=1024,
@@ -144,7 +144,7 @@ def video_without_frames(folder: Path) -> Path:
 
 def long_video(folder: Path, seconds: float = 30.0) -> Path:
     """A tiny but long (low frame rate) mp4, beyond the test limit on duration."""
-    from atoken.media import write_video
+    from atoken.io.media import write_video
 
     frames = [np.full((32, 32, 3), i * 8 % 255, np.uint8) for i in range(int(seconds))]
     return write_video(folder / "long.mp4", frames, fps=1.0)

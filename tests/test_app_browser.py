@@ -17,8 +17,8 @@ import pytest
 from tests.app_support import (
     EXAMPLES,
     MESHES,
-    VIDEO,
     OUTPUT,
+    VIDEO,
     app_server,
     text_as_png,
     thin_rod,

@@ -3,7 +3,7 @@
 Issue 16: gsplat.js (Gradio's splat renderer) drew the pencil upside down and the duck from
 underneath, on black beside Babylon's grey, and at another distance. Here the 3D tab, built by
 ``app.layout`` with the app's own viewer settings, shows each mesh's preview (.glb, as
-``atoken.mesh.mesh_to_glb`` writes it) beside a splat of it (.ply, as ``Gaussians.save_ply``
+``atoken.threed.mesh.mesh_to_glb`` writes it) beside a splat of it (.ply, as ``Gaussians.save_ply``
 writes it), and the two canvases are compared: the object's outline (IoU) and, with every
 surface point coloured by its position, which point each pixel shows (the pose).
 
@@ -27,9 +27,9 @@ import torch
 import trimesh
 from PIL import Image
 
-from atoken.gaussians import Gaussians
-from atoken.mesh import load_mesh, mesh_to_glb
-from atoken.mesh_render import mesh_to_voxels
+from atoken.core.gaussians import Gaussians
+from atoken.threed.mesh import load_mesh, mesh_to_glb
+from atoken.threed.mesh_render import mesh_to_voxels
 from tests.app_support import OUTPUT, free_port
 from tests.test_app_browser import CHROMIUM, TIMEOUT, browser  # noqa: F401 (a fixture)
 from tests.test_splat_frame import EXAMPLE_MESHES, VOXEL

@@ -10,8 +10,8 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import ValidationError
 
-from atoken.media import probe_video, read_image
-from atoken.metrics import psnr, ssim
+from atoken.io.media import probe_video, read_image
+from atoken.pipelines.metrics import psnr, ssim
 from tests.app_support import (
     EXAMPLES,
     app_server,

@@ -14,7 +14,7 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from atoken.media import read_image
+from atoken.io.media import read_image
 from tests.app_support import free_port, small_limits
 from tests.test_app_browser import CHROMIUM, TIMEOUT, open_tab, shot
 

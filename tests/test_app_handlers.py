@@ -21,11 +21,11 @@ from app import models
 from app.models import ModelManager, sibling_key
 from app.session import cleanup_session, friendly, run_dir, session_root
 from app.uploads import NOT_AN_UPLOAD, trust_folder, upload_path
-from atoken.codecs import CODECS, LABELS, missing_codecs
-from atoken.media import read_image
-from atoken.metrics import perceptual_distance
-from atoken.pipeline import decode_file
-from atoken.visualize import code_usage
+from atoken.io.media import read_image
+from atoken.pipelines.codecs import CODECS, LABELS, missing_codecs
+from atoken.pipelines.metrics import perceptual_distance
+from atoken.pipelines.reconstruct import decode_file
+from atoken.pipelines.visualize import code_usage
 from tests.app_support import (
     EXAMPLES,
     MESHES,
@@ -196,8 +196,9 @@ def test_discrete_switch_uses_the_fsq_sibling(manager, discrete_result):
     assert state["discrete"] and state["indices"].shape == (metrics["tokens"], 8)
     assert metrics["compression"] == pytest.approx(rec.size * 8 / (metrics["tokens"] * 8 * 12))
     bpp = metrics["tokens"] * 96 / (rec.shape[0] * rec.shape[1])
-    assert f"{metrics['tokens']} tokens x 96 bits of FSQ codes = {bpp:.2f} bits per pixel" in (
-        metrics["compression_means"]
+    assert (
+        f"{metrics['tokens']} tokens x 96 bits of FSQ codes = {bpp:.2f} bits per pixel"
+        in (metrics["compression_means"])
     )
 
 
@@ -306,7 +307,7 @@ def test_video_outputs_and_state(manager):
         "reconstruction.mp4",
         "side_by_side.mp4",
     ]
-    from atoken.media import probe_video
+    from atoken.io.media import probe_video
 
     info = probe_video(side)
     w, hgt = metrics["size"]
@@ -359,8 +360,8 @@ def test_reconstruct_3d_outputs_and_classification(manager, tmp_path):
     glb, ply, turntable, metrics, files, state = h.reconstruct_3d_handler(
         str(thin_rod(tmp_path)), 8, 128, 2, request=Req("3d")
     )
-    from atoken.gaussians import Gaussians
-    from atoken.media import probe_video
+    from atoken.core.gaussians import Gaussians
+    from atoken.io.media import probe_video
 
     g = Gaussians.load_ply(ply)
     assert len(g) == metrics["gaussians"] == 32 * metrics["voxels"] > 0
@@ -424,7 +425,7 @@ def test_interpolation_from_the_image_state(manager, image_result):
     assert all(f.shape == state["original"].shape for f, _ in gallery)
     np.testing.assert_array_equal(gallery[0][0], state["reconstruction"])
     assert gallery[-1][1] == "t = 1.00"
-    from atoken.media import probe_video
+    from atoken.io.media import probe_video
 
     assert probe_video(video).num_frames == 10  # A -> B -> A
     with pytest.raises(gr.Error, match="run the reconstruction in the image tab first"):
@@ -493,7 +494,7 @@ def test_model_choice_is_per_session_and_refuses_stale_state(manager, image_resu
 
 
 def test_operator_policy_limits_the_choices(tmp_path):
-    from atoken.checkpoint import save_checkpoint
+    from atoken.core.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     meta = {"atoken_config": json.dumps(models.RANDOM_C.to_dict())}
@@ -657,8 +658,8 @@ def test_bundled_checkpoint_becomes_the_default_when_present(tmp_path, monkeypat
     import dataclasses
     import json
 
-    import atoken.hub
-    from atoken.checkpoint import save_checkpoint
+    import atoken.pretrained.hub
+    from atoken.core.checkpoint import save_checkpoint
 
     cfg = dataclasses.replace(models.RANDOM_C, name="atoken-tiny")
     meta = {"atoken_config": json.dumps(cfg.to_dict())}
@@ -667,9 +668,9 @@ def test_bundled_checkpoint_becomes_the_default_when_present(tmp_path, monkeypat
         tmp_path / "atoken-tiny.safetensors",
         meta,
     )
-    if atoken.hub.bundled_path("atoken-tiny") is None:  # the real assets/ has none yet
+    if atoken.pretrained.hub.bundled_path("atoken-tiny") is None:  # the real assets/ has none yet
         assert models.default_key() == "random-tiny"
-    monkeypatch.setattr(atoken.hub, "ASSETS", tmp_path)
+    monkeypatch.setattr(atoken.pretrained.hub, "ASSETS", tmp_path)
     assert models.default_key() == "atoken-tiny"
     m = ModelManager()
     assert m.key == "atoken-tiny" and not m.is_random()

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import atoken
-from atoken import data, training
-from atoken.hub import bundled_path
-from atoken.metrics import psnr
+from atoken import training
+from atoken.pipelines.metrics import psnr
+from atoken.pretrained.hub import bundled_path
+from atoken.training import data
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from atoken.cli import main
-from atoken.media import read_image, write_video
+from atoken.io.media import read_image, write_video
 
 from .conftest import GOLDEN
 
@@ -44,7 +44,7 @@ def test_encode_decode_video(tmp_path, capsys):
     tok = tmp_path / "t.safetensors"
     assert main(["encode", str(vid), str(tok), *TINY_D]) == 0
     assert main(["decode", str(tok), str(tmp_path / "d.mp4"), *TINY_D]) == 0
-    from atoken.media import probe_video
+    from atoken.io.media import probe_video
 
     assert probe_video(tmp_path / "d.mp4").num_frames == 20
     out = tmp_path / "r.mp4"
@@ -152,7 +152,7 @@ def test_the_default_work_budget_applies_and_can_be_lifted(tmp_path, capsys):
 
 def test_train_overrides_are_typed():
     from atoken.cli import parse_overrides
-    from atoken.training import load_train_config
+    from atoken.training.config import load_train_config
 
     got = parse_overrides(
         [

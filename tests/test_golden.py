@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 import atoken
-import atoken.transformer as transformer_module
-from atoken.patchify import gs_input
+import atoken.core.transformer as transformer_module
+from atoken.core.patchify import gs_input
 
 from .conftest import GOLDEN
 

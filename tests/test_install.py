@@ -68,7 +68,7 @@ def installed(tmp_path_factory) -> dict[str, Path]:
 
 def test_the_wheel_holds_the_library_and_its_checkpoints_not_the_app(installed):
     names = zipfile.ZipFile(installed["wheel"]).namelist()
-    assert "atoken/model.py" in names and "atoken/cli.py" in names
+    assert "atoken/core/model.py" in names and "atoken/cli.py" in names
     for name in CHECKPOINTS:
         assert f"atoken/_bundled/{name}" in names
     assert not any(n.startswith(("app/", "tests/", "configs/", "assets/")) for n in names)
@@ -78,7 +78,7 @@ def test_the_wheel_holds_the_library_and_its_checkpoints_not_the_app(installed):
 
 def test_load_pretrained_works_from_another_folder(installed):
     code = (
-        "import atoken, atoken.hub as hub\n"
+        "import atoken, atoken.pretrained.hub as hub\n"
         "m = atoken.load_pretrained('atoken-tiny')\n"
         "print(atoken.__file__)\n"
         "print(hub.ASSETS)\n"

@@ -20,10 +20,10 @@ from trimesh.transformations import rotation_matrix, scale_matrix, translation_m
 
 import atoken
 from app import viewer3d
-from atoken.gaussians import Gaussians, matrix_quaternion, quaternion_multiply
-from atoken.mesh import load_mesh, mesh_to_glb
-from atoken.mesh_render import mesh_to_voxels
-from atoken.pipeline3d import reconstruct_asset
+from atoken.core.gaussians import Gaussians, matrix_quaternion, quaternion_multiply
+from atoken.pipelines.reconstruct3d import reconstruct_asset
+from atoken.threed.mesh import load_mesh, mesh_to_glb
+from atoken.threed.mesh_render import mesh_to_voxels
 
 from .conftest import GOLDEN
 

@@ -7,8 +7,8 @@ import subprocess
 import imageio_ffmpeg
 import pytest
 
-from atoken.media import MediaError, count_video_frames, iter_video_frames, probe_video
-from atoken.pipeline import VideoLimits, check_video
+from atoken.io.media import MediaError, count_video_frames, iter_video_frames, probe_video
+from atoken.pipelines.reconstruct import VideoLimits, check_video
 
 
 def _make_clip(path, source: str, *args: str):
