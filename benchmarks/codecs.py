@@ -41,7 +41,7 @@ from atoken.pipelines.rate import token_rate  # noqa: E402
 from atoken.pipelines.reconstruct import reconstruct_image  # noqa: E402
 from atoken.pretrained.hub import load_pretrained  # noqa: E402
 from atoken.training import data  # noqa: E402
-from atoken.training.trainer import pca_reconstruct  # noqa: E402
+from atoken.training.evaluate import pca_reconstruct  # noqa: E402
 
 TEST_PHOTOS = ("chelsea", "coffee", "immunohistochemistry", "camera")
 TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "retina")

@@ -38,7 +38,7 @@ STAGE = ROOT / "configs" / "train" / "atoken_tiny_s3c_mse.yaml"
 TRAIN = tuple(training.load_train_config(STAGE).data["sources"][0]["names"])
 
 
-def patches(img: np.ndarray) -> np.ndarray:
+def patch_rows(img: np.ndarray) -> np.ndarray:
     """``[h, w, 768]`` patches in [-1, 1] of the model's centre crop."""
     return training.patch_vectors(img) / 127.5 - 1
 
@@ -121,8 +121,8 @@ def main() -> None:
         for s in (1.0, 0.7, 0.5):
             size = (int(a.shape[1] * s), int(a.shape[0] * s))
             train_imgs.append(np.asarray(Image.fromarray(a).resize(size, Image.LANCZOS)))
-    test_grids = [patches(a) for a in data.skimage_photos(TEST_PHOTOS)]
-    train_grids = [patches(a) for a in train_imgs]
+    test_grids = [patch_rows(a) for a in data.skimage_photos(TEST_PHOTOS)]
+    train_grids = [patch_rows(a) for a in train_imgs]
     fits = {
         "training photos": (train_grids, np.concatenate([g.reshape(-1, 768) for g in train_grids])),
         "held-out photos": (test_grids, np.concatenate([g.reshape(-1, 768) for g in test_grids])),

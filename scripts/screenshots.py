@@ -23,7 +23,8 @@ def main() -> int:
     out = ROOT / "docs" / "screenshots"
     env = dict(os.environ, ATOKEN_SCREENSHOTS=str(out))
     env.setdefault("ATOKEN_TEST_MODEL", "atoken-tiny")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "browser", "tests/test_app_browser.py"]
+    tests = ["tests/test_app_browser.py", "tests/test_app_generate.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "browser", *tests]
     status = subprocess.call(cmd, cwd=ROOT, env=env)
     print(f"screenshots in {out}: {sorted(p.name for p in out.glob('*.png'))}")
     return status
