@@ -46,27 +46,35 @@ def small_limits():
     return Limits(image_bytes=4 * 2**20, video=video, budget=budget)
 
 
+def launch_app(manager):
+    """The app of ``manager`` with the test limits and the trust boundary, on a free port:
+    ``(url, demo)``; the caller closes the demo."""
+    from app.layout import build_demo
+    from app.uploads import launch_options
+
+    demo = build_demo(manager, small_limits())
+    demo.queue(default_concurrency_limit=1)
+    port = free_port()
+    demo.launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        prevent_thread_lock=True,
+        quiet=True,
+        show_error=True,
+        **launch_options("20mb", max_body_bytes=8 * 2**20, blocks=demo),
+    )
+    return f"http://127.0.0.1:{port}/", demo
+
+
 def app_server() -> dict:
     """Start (once) and return ``{"url", "demo", "manager"}`` of the app on a free port."""
     if "url" not in _APP:
-        from app.layout import build_demo
         from app.models import ModelManager
-        from app.uploads import launch_options
 
         manager = ModelManager(os.environ.get("ATOKEN_TEST_MODEL", "random-tiny"))
-        demo = build_demo(manager, small_limits())
-        demo.queue(default_concurrency_limit=1)
-        port = free_port()
-        demo.launch(
-            server_name="127.0.0.1",
-            server_port=port,
-            prevent_thread_lock=True,
-            quiet=True,
-            show_error=True,
-            **launch_options("20mb", max_body_bytes=8 * 2**20, blocks=demo),
-        )
+        url, demo = launch_app(manager)
         atexit.register(demo.close)
-        _APP.update(url=f"http://127.0.0.1:{port}/", demo=demo, manager=manager)
+        _APP.update(url=url, demo=demo, manager=manager)
     from app import handlers
 
     handlers.configure(_APP["manager"], small_limits())  # in case a test reconfigured them

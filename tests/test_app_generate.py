@@ -15,30 +15,18 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from atoken.io.media import read_image
-from tests.app_support import free_port, small_limits
+from tests.app_support import launch_app
 from tests.test_app_browser import CHROMIUM, TIMEOUT, open_tab, shot
 
 
 @pytest.fixture(scope="module")
 def server():
     from app import handlers
-    from app.layout import build_demo
     from app.models import ModelManager
-    from app.uploads import launch_options
 
     previous = (handlers.M, handlers.LIMITS)
-    demo = build_demo(ModelManager("atoken-tiny"), small_limits())
-    demo.queue(default_concurrency_limit=1)
-    port = free_port()
-    demo.launch(
-        server_name="127.0.0.1",
-        server_port=port,
-        prevent_thread_lock=True,
-        quiet=True,
-        show_error=True,
-        **launch_options("20mb", max_body_bytes=8 * 2**20),
-    )
-    yield f"http://127.0.0.1:{port}/"
+    url, demo = launch_app(ModelManager("atoken-tiny"))
+    yield url
     demo.close()
     if previous[0] is not None:
         handlers.configure(*previous)

@@ -144,16 +144,20 @@ def load_train_config(path_or_dict: str | Path | Mapping[str, Any], **overrides)
     Relative paths inside a YAML file (data folders, ``init_from``) stay relative to the current
     directory; ``base_dir`` in the data section changes that.
     """
+    return TrainConfig.from_dict(_merge(read_config(path_or_dict, "training"), overrides))
+
+
+def read_config(path_or_dict: str | Path | Mapping[str, Any], what: str) -> dict[str, Any]:
+    """The mapping of a YAML config file (or a copy of a given mapping), with clear errors."""
     if isinstance(path_or_dict, Mapping):
-        raw = dict(path_or_dict)
-    else:
-        path = Path(path_or_dict)
-        if not path.is_file():
-            raise ValueError(f"training config not found: {str(path)!r}")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ValueError(f"cannot parse {path}: {e}") from e
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a training config must be a mapping")
-    return TrainConfig.from_dict(_merge(raw, overrides))
+        return dict(path_or_dict)
+    path = Path(path_or_dict)
+    if not path.is_file():
+        raise ValueError(f"{what} config not found: {str(path)!r}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"cannot parse {path}: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a {what} config must be a mapping")
+    return raw

@@ -40,8 +40,9 @@ from atoken.pipelines.flow import (
     sample_timesteps,
     save_generator,
 )
-from atoken.training.config import _merge
+from atoken.training.config import _merge, read_config
 from atoken.training.schedule import EMA, lr_factor
+from atoken.training.trainer import latest_state, prune_states
 
 SOURCE_TYPES = ("world", "folder")
 TEMPLATE_SEED = 12345  # pose of the 3D templates (a fixed world seed)
@@ -123,16 +124,7 @@ class GenTrainConfig:
 
 def load_gen_config(path_or_dict: str | Path | Mapping[str, Any], **overrides) -> GenTrainConfig:
     """A `GenTrainConfig` from YAML or a mapping, with dotted overrides (``data.cache_dir``)."""
-    if isinstance(path_or_dict, Mapping):
-        raw = dict(path_or_dict)
-    else:
-        path = Path(path_or_dict)
-        if not path.is_file():
-            raise ValueError(f"generator config not found: {str(path)!r}")
-        raw = yaml.safe_load(path.read_text())
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a generator config must be a mapping")
-    return GenTrainConfig.from_dict(_merge(raw, overrides))
+    return GenTrainConfig.from_dict(_merge(read_config(path_or_dict, "generator"), overrides))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,20 +474,15 @@ class GenTrainer:
             },
             d / "trainer.pt",
         )
-        states = sorted((self.out / "state").glob("step-*"))
-        for old in states[: max(0, len(states) - self.cfg.keep_states)]:
-            for f in old.iterdir():
-                f.unlink()
-            old.rmdir()
+        prune_states(self.out, self.cfg.keep_states)
         return d
 
     def resume(self, where: str | bool) -> None:
         """Restore the latest state (``True`` / "auto") or a given state folder."""
         if where is True or where == "auto":
-            states = sorted((self.out / "state").glob("step-*"))
-            if not states:
+            d = latest_state(self.out)
+            if d is None:
                 return
-            d = states[-1]
         else:
             d = Path(str(where))
         if not (d / "trainer.pt").is_file():

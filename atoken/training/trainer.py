@@ -119,6 +119,21 @@ LOG_COLUMNS = (
 )
 
 
+def latest_state(output_dir: Path) -> Path | None:
+    """The newest resumable state folder (``output_dir/state/step-*``), None if there is none."""
+    states = sorted((Path(output_dir) / "state").glob("step-*"))
+    return states[-1] if states else None
+
+
+def prune_states(output_dir: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest state folders."""
+    states = sorted((Path(output_dir) / "state").glob("step-*"))
+    for old in states[: max(0, len(states) - keep)]:
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+
+
 class Trainer:
     """Runs one stage with accelerate (see the module docstring)."""
 
@@ -282,20 +297,15 @@ class Trainer:
         )
         acc.wait_for_everyone()
         if acc.is_main_process:
-            states = sorted((self.out / "state").glob("step-*"))
-            for old in states[: max(0, len(states) - self.cfg.keep_states)]:
-                for f in old.iterdir():
-                    f.unlink()
-                old.rmdir()
+            prune_states(self.out, self.cfg.keep_states)
         return d
 
     def resume(self, where: str | bool) -> None:
         """Restore the latest state in ``output_dir/state`` (``True``/"auto") or a given folder."""
         if where is True or where == "auto":
-            states = sorted((self.out / "state").glob("step-*"))
-            if not states:
+            d = latest_state(self.out)
+            if d is None:
                 return  # nothing to resume: a fresh start
-            d = states[-1]
         else:
             d = Path(str(where))
         if not (d / "trainer.pt").is_file():
