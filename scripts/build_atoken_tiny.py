@@ -7,12 +7,15 @@
 
 Stages (configs/train/atoken_tiny_s*.yaml): 1 images, 2 + video, 3 + 3D, 3b reconstruction
 polish of proj + decoder (encoder frozen), then from 3b: 4 FSQ with the same frozen encoder, and
-3c a longer MSE polish of proj + decoder. Stage 3c becomes
+3c a longer MSE polish of proj + decoder, then 3e a perceptual polish of proj + decoder (MSE +
+EfficientNet-Lite0 feature distance, still with the frozen encoder). Stage 3e becomes
 ``assets/atoken-tiny.safetensors`` and stage 4
 ``assets/atoken-tiny-d.safetensors`` (proj + decoder only; its encoder is atoken-tiny's), both
 float16 with the config in the metadata. Training data: scikit-image's astronaut, rocket,
-hubble_deep_field and retina, ``assets/video/bigbuckbunny_512x288.mp4``, ``assets/meshes`` and
-the generated world (`atoken.training.world`). Held out for evaluation: the photos chelsea, coffee,
+hubble_deep_field and retina, ``assets/video/bigbuckbunny_512x288.mp4``, ``assets/meshes``, the
+generated world (`atoken.training.world`) and, from stage 3e, the photos of `PHOTO_SOURCES`
+(Debian packages ``libjxl-testdata`` and ``mate-backgrounds``; `prepare_photos` copies them to
+``--out``/photos at 640 px on the long side). Held out for evaluation: the photos chelsea, coffee,
 immunohistochemistry and camera, and the world's held-out attribute pairs.
 Everything is written to ``--out`` (default ``build/atoken-tiny``), the report to
 ``report.json`` there.
@@ -48,10 +51,52 @@ STAGES = {
     "s3b_polish": "s3_3d",
     "s4_fsq": "s3b_polish",
     "s3c_mse": "s3b_polish",
+    "s3e_perceptual": "s3c_mse",
 }
 TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "retina")
 TEST_PHOTOS = ("chelsea", "coffee", "immunohistochemistry", "camera")
 ASSETS = ROOT / "assets"
+# stage 3e's extra photos: Debian package -> (files, licence); listed in assets/atoken-tiny.md
+PHOTO_SOURCES = {
+    "libjxl-testdata": (
+        [
+            f"/usr/share/libjxl-testdata/external/wesaturate/500px/{n}_srgb8.png"
+            for n in ("cvo9xd_keong_macan", "tmshre_riaphotographs", "u76c0g_bliznaca")
+        ],
+        "CC0",
+    ),
+    "mate-backgrounds": (
+        [
+            f"/usr/share/backgrounds/mate/nature/{n}.jpg"
+            for n in (
+                "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird",
+                "RainDrops", "Storm", "TwoWings", "Wood", "YellowFlower",
+            )
+        ],
+        "GPL-2+",
+    ),
+}
+
+
+def prepare_photos(folder: Path, long_side: int = 640) -> Path:
+    """Copy `PHOTO_SOURCES` into ``folder`` as PNGs scaled to ``long_side`` (never up)."""
+    from PIL import Image
+
+    missing = [f for files, _ in PHOTO_SOURCES.values() for f in files if not Path(f).is_file()]
+    if missing:
+        raise SystemExit(
+            f"stage 3e needs {len(missing)} photos that are not installed (first: {missing[0]}); "
+            f"install the Debian packages: apt-get install {' '.join(PHOTO_SOURCES)}"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    for files, _ in PHOTO_SOURCES.values():
+        for f in files:
+            im = Image.open(f).convert("RGB")
+            scale = long_side / max(im.size)
+            if scale < 1:
+                im = im.resize((round(im.width * scale), round(im.height * scale)), Image.LANCZOS)
+            im.save(folder / f"{Path(f).stem}.png")
+    return folder
 
 
 def run_stages(out: Path, scale: float, resume: bool) -> dict[str, float]:
@@ -74,6 +119,8 @@ def run_stages(out: Path, scale: float, resume: bool) -> dict[str, float]:
                 src["cache_dir"] = str(out / "voxels")
             if src.get("type") in ("video_folder", "voxel_folder"):
                 src["path"] = str(ROOT / src["path"])
+            if src.get("type") == "image_folder":  # stage 3e's photos
+                src["path"] = str(prepare_photos(out / "photos"))
         over["data"] = cfg.data
         if resume and done.is_file() and stage in times:
             print(f"[build] {stage}: already trained, skipping", flush=True)
@@ -99,7 +146,7 @@ def export(out: Path, times: dict[str, float]) -> tuple[Path, Path]:
         "stage_minutes": json.dumps(minutes),
         "licence_note": "see assets/atoken-tiny.md",
     }
-    cont = training.load_trained(out / "s3c_mse" / "model.safetensors")
+    cont = training.load_trained(out / "s3e_perceptual" / "model.safetensors")
     cont_path = training.save_model(
         cont,
         ASSETS / "atoken-tiny.safetensors",
@@ -278,7 +325,7 @@ def main() -> None:
     else:
         times = run_stages(args.out, args.steps_scale, args.resume)
         if args.no_export:
-            cont = args.out / "s3c_mse" / "model.safetensors"
+            cont = args.out / "s3e_perceptual" / "model.safetensors"
             disc = args.out / "s4_fsq" / "model.safetensors"
         else:
             cont, disc = export(args.out, times)

@@ -20,7 +20,8 @@ class TrainConfig:
     ``weight``; types in `atoken.training.data.SOURCE_TYPES`).
     ``loss``: ``weights`` (reconstruction, semantic, kl), ``image`` (l1, lpips, gram,
     perceptual and mse weights and ``feature_net``: ``{layout, seed, path}``; layout
-    ``effnet-lite0`` is the ImageNet-trained EfficientNet-Lite0), ``sample_posterior``.
+    ``effnet-lite0`` is the ImageNet-trained EfficientNet-Lite0; ``feature_size``: 224 (the
+    paper's square copies) or ``native``), ``sample_posterior``.
     ``semantic``: ``text_tower`` (``"minilm"``, ``"siglip2"``, a folder, ``"random:<dim>"`` or
     None), ``image_mode`` (``"siglip"`` or ``"distill"``), ``teacher`` (``{type: conv, ...}`` or
     ``{type: import, target: "module:callable", kwargs}``), ``logit_scale`` / ``logit_bias``

@@ -508,11 +508,11 @@ def pooled_features(feats: Sequence[Tensor]) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _resized_224(images: Tensor | Sequence[Tensor]) -> Tensor:
-    """``[B, 3, H, W]`` or a list of ``[3, H_i, W_i]`` images -> ``[B, 3, 224, 224]``."""
+def _resized_224(images: Tensor | Sequence[Tensor], size: int = RESIZE) -> Tensor:
+    """``[B, 3, H, W]`` or a list of ``[3, H_i, W_i]`` images -> ``[B, 3, size, size]``."""
     if isinstance(images, Tensor):
-        return resize_224(images)
-    return torch.stack([resize_224(x.reshape(3, *x.shape[-2:])) for x in images])
+        return resize_224(images, size)
+    return torch.stack([resize_224(x.reshape(3, *x.shape[-2:]), size) for x in images])
 
 
 class ImageReconstructionLoss(nn.Module):
@@ -532,6 +532,9 @@ class ImageReconstructionLoss(nn.Module):
         l1_weight, lpips_weight, gram_weight, perceptual_weight: the paper's 1, 10, 1e3, 1.
         mse_weight: an extra mean-squared-error term at native resolution (not in the paper,
             default 0). PSNR is an MSE measure; L1 alone settles on the median.
+        feature_size: side of the square copies the feature terms see (the paper's 224), or
+            None to run the networks on each image at its own size (one forward per image of
+            a list), as `atoken.pipelines.metrics.perceptual_distance` measures.
     """
 
     def __init__(
@@ -545,8 +548,12 @@ class ImageReconstructionLoss(nn.Module):
         gram_weight: float = 1e3,
         perceptual_weight: float = 1.0,
         mse_weight: float = 0.0,
+        feature_size: int | None = RESIZE,
     ) -> None:
         super().__init__()
+        if feature_size is not None and int(feature_size) < 32:
+            raise ValueError(f"feature_size must be None (native) or >= 32, got {feature_size}")
+        self.feature_size = None if feature_size is None else int(feature_size)
         for name, net in (
             ("lpips_net", lpips_net),
             ("gram_net", gram_net),
@@ -573,6 +580,35 @@ class ImageReconstructionLoss(nn.Module):
             if isinstance(net, nn.Module):
                 net.eval()
         return self
+
+    def _feature_terms(self, small_r: Tensor, small_t: Tensor) -> dict[str, Tensor]:
+        """The lpips, gram and perceptual terms of two equally sized ``[B, 3, h, w]`` batches."""
+        zero = small_r.new_zeros((), dtype=torch.float32)
+        terms = {"lpips": zero, "gram": zero, "perceptual": zero}
+        nets = {"lpips": self.lpips_net, "gram": self.gram_net}
+        cache: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
+        for name, net in nets.items():
+            if net is None or self.weights[name] == 0.0:
+                continue
+            if id(net) not in cache:  # one forward when both terms share a network
+                with torch.no_grad():
+                    ft = list(net(small_t))
+                cache[id(net)] = (list(net(small_r)), ft)
+            fr, ft = cache[id(net)]
+            if name == "lpips":
+                terms[name] = lpips_distance(fr, ft, self.lpips_weights)
+            else:
+                terms[name] = gram_loss(fr, ft)
+        emb = self.embed_net
+        if emb is not None and self.weights["perceptual"] != 0.0:
+            if isinstance(emb, PooledEmbedder) and id(emb.net) in cache:
+                er, et = (pooled_features(f) for f in cache[id(emb.net)])
+            else:
+                with torch.no_grad():
+                    et = emb(small_t)
+                er = emb(small_r)
+            terms["perceptual"] = perceptual_cosine_loss(er, et)
+        return terms
 
     def forward(
         self, recon: Tensor | Sequence[Tensor], target: Tensor | Sequence[Tensor]
@@ -619,32 +655,19 @@ class ImageReconstructionLoss(nn.Module):
                 ("perceptual", self.embed_net),
             )
         )
-        small_r = small_t = None
-        if needs_small:  # the 224x224 copies only when a feature term needs them
-            small_r, small_t = _resized_224(recon), _resized_224(target)
-        nets = {"lpips": self.lpips_net, "gram": self.gram_net}
-        cache: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
-        for name, net in nets.items():
-            if net is None or self.weights[name] == 0.0:
-                continue
-            if id(net) not in cache:  # one forward when both terms share a network
-                with torch.no_grad():
-                    ft = list(net(small_t))
-                cache[id(net)] = (list(net(small_r)), ft)
-            fr, ft = cache[id(net)]
-            if name == "lpips":
-                terms[name] = lpips_distance(fr, ft, self.lpips_weights)
-            else:
-                terms[name] = gram_loss(fr, ft)
-        emb = self.embed_net
-        if emb is not None and self.weights["perceptual"] != 0.0:
-            if isinstance(emb, PooledEmbedder) and id(emb.net) in cache:
-                er, et = (pooled_features(f) for f in cache[id(emb.net)])
-            else:
-                with torch.no_grad():
-                    et = emb(small_t)
-                er = emb(small_r)
-            terms["perceptual"] = perceptual_cosine_loss(er, et)
+        if needs_small:
+            if self.feature_size is not None:
+                terms.update(self._feature_terms(_resized_224(recon, self.feature_size),
+                                                 _resized_224(target, self.feature_size)))
+            elif isinstance(recon, Tensor):
+                terms.update(self._feature_terms(recon, target))
+            else:  # native sizes: one forward per image, the mean over images
+                per = [
+                    self._feature_terms(r.reshape(1, 3, *r.shape[-2:]),
+                                        t.reshape(1, 3, *t.shape[-2:]))
+                    for r, t in zip(recon, target)
+                ]
+                terms.update({k: torch.stack([p[k] for p in per]).mean() for k in per[0]})
         terms["total"] = sum(self.weights[k] * terms[k] for k in self.weights)
         return terms
 

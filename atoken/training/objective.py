@@ -87,6 +87,18 @@ class TrainModule(nn.Module):
         }
 
 
+def _feature_size(value: Any) -> int | None:
+    """``loss.image.feature_size``: a side in pixels, or ``native`` for each image's own size."""
+    if value is None or str(value).strip().lower() == "native":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"loss.image.feature_size must be a side in pixels or 'native', got {value!r}"
+        ) from None
+
+
 class Objective:
     """The stage's loss: per-modality reconstruction, semantic alignment and KL (§3.5)."""
 
@@ -140,6 +152,7 @@ class Objective:
             gram_weight=terms["gram"],
             perceptual_weight=terms["perceptual"],
             mse_weight=terms["mse"],
+            feature_size=_feature_size(image.get("feature_size", 224)),
         )
         self.sample_posterior = bool(loss.get("sample_posterior", True))
         self.tower = text_tower_from_spec(semantic.get("text_tower"))

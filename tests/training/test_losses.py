@@ -397,3 +397,45 @@ def test_effnet_feature_net_terms_are_zero_for_identical_images_and_grow_with_bl
     loss(blurred, x)["total"].backward()
     assert blurred.grad.abs().sum() > 0 and not any(p.requires_grad for p in net.parameters())
     assert not net.train().training  # stays in eval mode
+
+
+def test_native_size_feature_terms_match_the_perceptual_metric_the_app_reports():
+    """``feature_size=None`` trains on what `perceptual_distance` measures: for a list of
+    images of different sizes the LPIPS-style term is the per-image metric (a mean over its
+    five layers, here their sum) averaged over the images."""
+    from PIL import Image, ImageFilter
+    from skimage import data as skdata
+
+    from atoken.pipelines.metrics import perceptual_distance
+    from atoken.training.losses import EffNetFeatureNet
+
+    photos = [
+        Image.fromarray(skdata.coffee()).resize((96, 64), Image.LANCZOS),
+        Image.fromarray(skdata.chelsea()).resize((64, 80), Image.LANCZOS),
+    ]
+    blurred = [p.filter(ImageFilter.GaussianBlur(1.5)) for p in photos]
+
+    def as_input(im: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+    net = EffNetFeatureNet()
+    native = ImageReconstructionLoss(lpips_net=net, gram_weight=0.0, perceptual_weight=0.0,
+                                     feature_size=None)
+    got = native([as_input(b) for b in blurred], [as_input(p) for p in photos])["lpips"].item()
+    want = np.mean([perceptual_distance(np.asarray(b), np.asarray(p))
+                    for b, p in zip(blurred, photos)]) * 5
+    assert got == pytest.approx(want, rel=1e-3)
+    squared = ImageReconstructionLoss(lpips_net=net, gram_weight=0.0, perceptual_weight=0.0)
+    other = squared([as_input(b) for b in blurred], [as_input(p) for p in photos])["lpips"].item()
+    assert abs(other - got) > 1e-3  # the 224x224 copies measure something else
+    with pytest.raises(ValueError, match="feature_size"):
+        ImageReconstructionLoss(lpips_net=net, feature_size=8)
+
+
+def test_objective_reads_feature_size_native_or_pixels():
+    from atoken.training.objective import _feature_size
+
+    assert _feature_size("native") is None and _feature_size(None) is None
+    assert _feature_size(256) == 256 and _feature_size("224") == 224
+    with pytest.raises(ValueError, match="'native'"):
+        _feature_size("big")
