@@ -69,8 +69,18 @@ PHOTO_SOURCES = {
         [
             f"/usr/share/backgrounds/mate/nature/{n}.jpg"
             for n in (
-                "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird",
-                "RainDrops", "Storm", "TwoWings", "Wood", "YellowFlower",
+                "Aqua",
+                "Blinds",
+                "Dune",
+                "FreshFlower",
+                "Garden",
+                "GreenMeadow",
+                "LadyBird",
+                "RainDrops",
+                "Storm",
+                "TwoWings",
+                "Wood",
+                "YellowFlower",
             )
         ],
         "GPL-2+",

@@ -657,14 +657,19 @@ class ImageReconstructionLoss(nn.Module):
         )
         if needs_small:
             if self.feature_size is not None:
-                terms.update(self._feature_terms(_resized_224(recon, self.feature_size),
-                                                 _resized_224(target, self.feature_size)))
+                terms.update(
+                    self._feature_terms(
+                        _resized_224(recon, self.feature_size),
+                        _resized_224(target, self.feature_size),
+                    )
+                )
             elif isinstance(recon, Tensor):
                 terms.update(self._feature_terms(recon, target))
             else:  # native sizes: one forward per image, the mean over images
                 per = [
-                    self._feature_terms(r.reshape(1, 3, *r.shape[-2:]),
-                                        t.reshape(1, 3, *t.shape[-2:]))
+                    self._feature_terms(
+                        r.reshape(1, 3, *r.shape[-2:]), t.reshape(1, 3, *t.shape[-2:])
+                    )
                     for r, t in zip(recon, target)
                 ]
                 terms.update({k: torch.stack([p[k] for p in per]).mean() for k in per[0]})

@@ -419,11 +419,16 @@ def test_native_size_feature_terms_match_the_perceptual_metric_the_app_reports()
         return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1.0
 
     net = EffNetFeatureNet()
-    native = ImageReconstructionLoss(lpips_net=net, gram_weight=0.0, perceptual_weight=0.0,
-                                     feature_size=None)
+    native = ImageReconstructionLoss(
+        lpips_net=net, gram_weight=0.0, perceptual_weight=0.0, feature_size=None
+    )
     got = native([as_input(b) for b in blurred], [as_input(p) for p in photos])["lpips"].item()
-    want = np.mean([perceptual_distance(np.asarray(b), np.asarray(p))
-                    for b, p in zip(blurred, photos)]) * 5
+    want = (
+        np.mean(
+            [perceptual_distance(np.asarray(b), np.asarray(p)) for b, p in zip(blurred, photos)]
+        )
+        * 5
+    )
     assert got == pytest.approx(want, rel=1e-3)
     squared = ImageReconstructionLoss(lpips_net=net, gram_weight=0.0, perceptual_weight=0.0)
     other = squared([as_input(b) for b in blurred], [as_input(p) for p in photos])["lpips"].item()
