@@ -703,7 +703,7 @@ def reconstruct_video_handler(
         "psnr_mean": res.mean_psnr,
         "perceptual_mean": res.mean_perceptual,
         "perceptual_frames": f"{len(scored)} of {res.num_frames} frames scored"
-        + (f", one in every {scored[1] - scored[0]}" if len(scored) > 1 else ""),
+        + (f", evenly spaced: {', '.join(map(str, scored))}" if len(scored) > 1 else ""),
         "perceptual_means": PERCEPTUAL_MEANS + "; here the mean over the scored frames",
         "frames": res.num_frames,
         "fps": res.fps,

@@ -3,13 +3,18 @@
     python scripts/build_atoken_tiny.py                  # 6 stages + export + evaluation
     python scripts/build_atoken_tiny.py --resume         # skip stages that already finished
     python scripts/build_atoken_tiny.py --eval-only      # measure the files in assets/
+    python scripts/build_atoken_tiny.py --frames-from-assets  # redo only the frames step on assets/
     python scripts/build_atoken_tiny.py --steps-scale 0.02 --out /tmp/tiny  # smoke run
 
 Stages (configs/train/atoken_tiny_s*.yaml): 1 images, 2 + video, 3 + 3D, 3b reconstruction
 polish of proj + decoder (encoder frozen), then from 3b: 4 FSQ with the same frozen encoder, and
 3c a longer MSE polish of proj + decoder, then 3e a perceptual polish of proj + decoder (MSE +
-EfficientNet-Lite0 feature distance, still with the frozen encoder). Stage 3e becomes
-``assets/atoken-tiny.safetensors`` and stage 4
+EfficientNet-Lite0 feature distance, still with the frozen encoder). Then the frames step
+(`atoken.training.frames`, no gradient training): the encoder's input columns and the decoders'
+output rows for frames 1-3 of a video token are fitted by least squares on training clips
+(`frame_clips`), so that videos reconstruct every frame of a temporal patch and not only the
+first; every frame-0 weight, hence every image and 3D encoding, stays as it was. Stage 3e + frames
+becomes ``assets/atoken-tiny.safetensors`` and stage 4 + frames
 ``assets/atoken-tiny-d.safetensors`` (proj + decoder only; its encoder is atoken-tiny's), both
 float16 with the config in the metadata. Training data: scikit-image's astronaut, rocket,
 hubble_deep_field and retina, ``assets/video/bigbuckbunny_512x288.mp4``, ``assets/meshes``, the
@@ -148,7 +153,79 @@ def run_stages(out: Path, scale: float, resume: bool) -> dict[str, float]:
     return times
 
 
-def export(out: Path, times: dict[str, float]) -> tuple[Path, Path]:
+def frame_clips(out: Path, count: int = 300, seed: int = 123) -> list[np.ndarray]:
+    """Training clips for the frames step, 16 frames at 64-96 px: about a third each of the
+    world's training clips, pans with zoom over the training photos (`TRAIN_PHOTOS` and
+    `PHOTO_SOURCES`) and windows of the training video (every frame or every second frame)."""
+    from PIL import Image
+
+    from atoken.training import world
+
+    rng = np.random.default_rng(seed)
+    photos = data.skimage_photos(TRAIN_PHOTOS) + [
+        np.asarray(Image.open(f).convert("RGB"))
+        for f in sorted(prepare_photos(out / "photos").glob("*.png"))
+    ]
+    bbb = ASSETS / "video" / "bigbuckbunny_512x288.mp4"
+    bbb_frames = data.count_frames(bbb)
+
+    def pan(img: np.ndarray, size: int) -> np.ndarray:
+        h, w = img.shape[:2]
+        z0, z1 = rng.uniform(0.4, 0.9, 2)
+        a = rng.uniform(0, 1, 2)
+        b = np.clip(a + rng.normal(0, 0.25, 2), 0, 1)
+        frames = []
+        for i in range(16):
+            t = i / 15
+            side = int(min(h, w) * (z0 + (z1 - z0) * t))
+            top, left = (np.array([h - side, w - side]) * (a + (b - a) * t)).astype(int)
+            crop = Image.fromarray(img[top : top + side, left : left + side])
+            frames.append(np.asarray(crop.resize((size, size), Image.BILINEAR)))
+        return np.stack(frames)
+
+    clips = []
+    for _ in range(count):
+        r, size = rng.uniform(), int(rng.choice([64, 80, 96]))
+        if r < 0.35:
+            clips.append(world.render_video(world.sample_spec(rng, "video", "train"), size, 16))
+        elif r < 0.7:
+            clips.append(pan(photos[rng.integers(len(photos))], size))
+        else:
+            stride = int(rng.choice([1, 1, 2]))
+            fr = data.read_frames(bbb, int(rng.integers(0, bbb_frames - 16 * stride)), 16, stride)
+            h, w = fr.shape[1:3]
+            sc = rng.uniform(0.25, 0.6)
+            hw = (int(w * sc) // 16 * 16, int(h * sc) // 16 * 16)
+            clips.append(
+                np.stack([np.asarray(Image.fromarray(f).resize(hw, Image.BILINEAR)) for f in fr])
+            )
+    return clips
+
+
+def frames_step(out: Path, cont_src: Path, disc_src: Path) -> tuple[Path, Path]:
+    """The frames step on both models -> ``out``/s3f_frames and ``out``/s4f_frames (float32)."""
+    from atoken.training import frames
+
+    torch.set_num_threads(2)
+    t0 = time.time()
+    cont, disc = training.load_trained(cont_src), training.load_trained(disc_src)
+    pool = frames.clip_tokens(frame_clips(out))
+    report = {"continuous": frames.design_frame_code(cont, pool)}
+    w = cont.config.in_channels // cont.patch_t
+    with torch.no_grad():  # the FSQ model shares the encoder; only its own rows are fitted
+        disc.encoder.input_layer.weight[:, w:] = cont.encoder.input_layer.weight[:, w:]
+    report["fsq"] = frames.fit_frame_rows(disc, pool)
+    report["seconds"] = round(time.time() - t0, 1)
+    print(f"[build] frames step: {json.dumps(report)}", flush=True)
+    paths = []
+    for name, model in (("s3f_frames", cont), ("s4f_frames", disc)):
+        paths.append(training.save_model(model, out / name / "model.safetensors"))
+    (out / "frames.json").write_text(json.dumps(report, indent=1))
+    torch.set_num_threads(1)
+    return paths[0], paths[1]
+
+
+def export(out: Path, times: dict[str, float], cont_src: Path, disc_src: Path) -> tuple[Path, Path]:
     """Write the float16 bundles into assets/."""
     minutes = {k: round(v / 60, 1) for k, v in times.items()}
     common = {
@@ -156,7 +233,7 @@ def export(out: Path, times: dict[str, float]) -> tuple[Path, Path]:
         "stage_minutes": json.dumps(minutes),
         "licence_note": "see assets/atoken-tiny.md",
     }
-    cont = training.load_trained(out / "s3e_perceptual" / "model.safetensors")
+    cont = training.load_trained(cont_src)
     cont_path = training.save_model(
         cont,
         ASSETS / "atoken-tiny.safetensors",
@@ -164,7 +241,7 @@ def export(out: Path, times: dict[str, float]) -> tuple[Path, Path]:
         "float16",
         common,
     )
-    disc = training.load_trained(out / "s4_fsq" / "model.safetensors")
+    disc = training.load_trained(disc_src)
     # the FSQ model's encoder is stage 3's (frozen in stage 4): store it once. Runs made before
     # the EMA kept frozen weights bit-exact differ by float rounding only, below float16's
     # resolution (relative 1e-3) that the bundle is stored in.
@@ -326,19 +403,39 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--no-export", action="store_true", help="evaluate the stage outputs in --out")
+    ap.add_argument(
+        "--frames-from-assets",
+        action="store_true",
+        help="only the frames step, on the bundled files (float16 -> float32), then export",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    bundled = ASSETS / "atoken-tiny.safetensors", ASSETS / "atoken-tiny-d.safetensors"
     if args.eval_only:
-        cont, disc = ASSETS / "atoken-tiny.safetensors", ASSETS / "atoken-tiny-d.safetensors"
+        cont, disc = bundled
+    elif args.frames_from_assets:
+        from safetensors import safe_open
+
+        with safe_open(str(bundled[0]), "pt") as f:
+            meta = f.metadata() or {}
+        times = {k: v * 60 for k, v in json.loads(meta.get("stage_minutes", "{}")).items()}
+        t1 = time.time()
+        cont, disc = frames_step(args.out, *bundled)
+        times["frames"] = time.time() - t1
+        cont, disc = export(args.out, times, cont, disc)
     else:
         times = run_stages(args.out, args.steps_scale, args.resume)
-        if args.no_export:
-            cont = args.out / "s3e_perceptual" / "model.safetensors"
-            disc = args.out / "s4_fsq" / "model.safetensors"
-        else:
-            cont, disc = export(args.out, times)
+        t1 = time.time()
+        cont, disc = frames_step(
+            args.out,
+            args.out / "s3e_perceptual" / "model.safetensors",
+            args.out / "s4_fsq" / "model.safetensors",
+        )
+        times["frames"] = time.time() - t1
+        if not args.no_export:
+            cont, disc = export(args.out, times, cont, disc)
         print(
             f"[build] training: {sum(times.values()) / 60:.1f} min "
             f"({', '.join(f'{k} {v / 60:.1f}' for k, v in times.items())})",

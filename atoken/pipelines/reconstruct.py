@@ -232,6 +232,19 @@ def check_video(
     return info
 
 
+def scored_frames(total: int, count: int) -> set[int]:
+    """``count`` frame indices out of ``total`` (all when ``count >= total``, none when 0), evenly
+    spaced from the first frame to the last. Even spacing by a fixed step would land on one
+    position of every temporal patch (step 4: always the patch's first frame)."""
+    if count <= 0 or total <= 0:
+        return set()
+    if count >= total:
+        return set(range(total))
+    if count == 1:
+        return {0}
+    return {round(j * (total - 1) / (count - 1)) for j in range(count)}
+
+
 @torch.no_grad()
 def reconstruct_video(
     model: ATokenModel,
@@ -254,9 +267,10 @@ def reconstruct_video(
 
     Files: ``reconstruction.mp4`` always; ``original.mp4`` (the cropped input the model saw),
     ``side_by_side.mp4`` and ``latent_pca.mp4`` (one PCA frame per input frame) when asked.
-    ``perceptual_frames``: score at most this many evenly spaced frames (every
-    ``ceil(frames / perceptual_frames)``-th, from the first) with
-    `atoken.pipelines.metrics.perceptual_distance` (0: none; frames under 32 px are never scored).
+    ``perceptual_frames``: score at most this many frames, evenly spaced from the first to the
+    last (`scored_frames`; so they fall on every position inside the 4-frame temporal patches,
+    not only on the first), with `atoken.pipelines.metrics.perceptual_distance` (0: none; frames
+    under 32 px are never scored).
     """
     info = check_video(path, limits, stride=stride, max_side=max_side, max_frames=max_frames)
     total = math.ceil(info.num_frames / stride)
@@ -274,7 +288,7 @@ def reconstruct_video(
         writers["latent_pca"] = VideoWriter(out_dir / "latent_pca.mp4", fps)
     psnrs: list[float] = []
     perceptual: list[tuple[int, float]] = []
-    every = math.ceil(total / perceptual_frames) if perceptual_frames > 0 else 0
+    chosen = scored_frames(total, perceptual_frames)
     state, basis = None, None
     done, tokens, size = 0, 0, (0, 0)
     # a hard stop while streaming, whatever the count said (a file may change under us)
@@ -304,7 +318,7 @@ def reconstruct_video(
                     writers["original"].write(clip[i])
                 if "side_by_side" in writers:
                     writers["side_by_side"].write(side_by_side(clip[i], rec[i]))
-            scored = [i for i in range(n_real) if every and (done + i) % every == 0]
+            scored = [i for i in range(n_real) if done + i in chosen]
             if scored and min(clip.shape[1:3]) >= MIN_SIDE:
                 dist = perceptual_distance_per_frame(clip[scored], rec[scored], model.device)
                 perceptual += [(done + i, d) for i, d in zip(scored, dist)]

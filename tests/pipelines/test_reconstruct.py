@@ -107,10 +107,11 @@ def test_streamed_video_equals_whole_video(model_c, video_path, tmp_path):
     cropped = frames[:, 4:36, 4:52]
     for i in (5, 36):
         assert abs(psnr(cropped[i], whole[i], data_range=255) - res.psnr_per_frame[i]) < 1e-6
-    # every ceil(37 / 5) = 8th frame gets the EfficientNet-Lite0 distance
+    # 5 frames evenly spaced over 0..36 get the EfficientNet-Lite0 distance (positions 0 1 2 3 0
+    # inside the temporal patches)
     from atoken.pipelines.metrics import perceptual_distance
 
-    assert [i for i, _ in res.perceptual_per_frame] == [0, 8, 16, 24, 32]
+    assert [i for i, _ in res.perceptual_per_frame] == [0, 9, 18, 27, 36]
     for i, d in res.perceptual_per_frame[::4]:
         assert d == pytest.approx(perceptual_distance(cropped[i], whole[i]), rel=1e-3, abs=1e-5)
     assert res.mean_perceptual == pytest.approx(np.mean([d for _, d in res.perceptual_per_frame]))
@@ -158,3 +159,12 @@ def test_image_token_file(model_c, tmp_path):
     bad = atoken.load(None, "tiny-d")
     with pytest.raises(ValueError, match="channels"):
         decode_file(bad, tok, tmp_path / "x.png")
+
+
+def test_scored_frames_cover_every_position_of_the_temporal_patches():
+    from atoken.pipelines.reconstruct import scored_frames
+
+    assert sorted(scored_frames(32, 8)) == [0, 4, 9, 13, 18, 22, 27, 31]
+    assert {i % 4 for i in scored_frames(32, 8)} == {0, 1, 2, 3}
+    assert scored_frames(5, 8) == set(range(5)) and scored_frames(10, 0) == set()
+    assert scored_frames(10, 1) == {0} and scored_frames(0, 3) == set()
