@@ -211,7 +211,7 @@ def frames_step(out: Path, cont_src: Path, disc_src: Path) -> tuple[Path, Path]:
     cont, disc = training.load_trained(cont_src), training.load_trained(disc_src)
     pool = frames.clip_tokens(frame_clips(out))
     report = {"continuous": frames.design_frame_code(cont, pool)}
-    w = cont.config.in_channels // cont.patch_t
+    w = frames.frame_width(cont)
     with torch.no_grad():  # the FSQ model shares the encoder; only its own rows are fitted
         disc.encoder.input_layer.weight[:, w:] = cont.encoder.input_layer.weight[:, w:]
     report["fsq"] = frames.fit_frame_rows(disc, pool)

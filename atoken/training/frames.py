@@ -33,17 +33,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core.patchify import tokenize
+from ..core.patchify import to_model_range, tokenize
 from ..core.sparse import SparseTensor
-from .data import _float_pixels
 
 
 def clip_tokens(clips: Sequence[np.ndarray]) -> list[SparseTensor]:
     """uint8 clips ``[T, H, W, 3]`` (T a multiple of 4) -> one token set per clip."""
-    return [tokenize([_float_pixels(c)]) for c in clips]
+    return [tokenize([to_model_range(c)]) for c in clips]
 
 
-def _frame_width(model) -> int:
+def frame_width(model) -> int:
+    """Numbers per frame in a token (768 for 16x16 RGB patches)."""
     return model.config.in_channels // model.patch_t
 
 
@@ -89,25 +89,27 @@ def _least_squares(a: Tensor, b: Tensor, ridge: float, intercept: bool) -> Tenso
     return torch.linalg.solve(g, a.T @ b.double())
 
 
-def _fit_rows(model, h: Tensor, target: Tensor, ridge: float) -> None:
-    """Decoder output rows of frames 1-3 <- least squares of ``target`` on hidden ``h``."""
-    w = _frame_width(model)
+def fit_frame_rows(model, pool: Sequence[SparseTensor], ridge: float = 1e-5) -> dict:
+    """Refit only the decoder's frames 1-3 output rows on ``pool`` (step 4) by least squares of
+    the frames on the decoder's hidden states; returns per-position PSNR on the pool before and
+    after (the output layer is linear in those states, so "after" needs no second pass)."""
+    x, _, h, y = run_tokens(model, pool)
+    w = frame_width(model)
     layer = model.decoder.out_layer
-    sol = _least_squares(h, target, ridge, intercept=layer.bias is not None)
+    sol = _least_squares(h, x[:, w:], ridge, intercept=layer.bias is not None)
     with torch.no_grad():
         layer.weight[w:] = sol[: h.shape[1]].T.to(layer.weight)
         if layer.bias is not None:
             layer.bias[w:] = sol[-1].to(layer.bias)
-
-
-def fit_frame_rows(model, pool: Sequence[SparseTensor], ridge: float = 1e-5) -> dict:
-    """Refit only the decoder's frames 1-3 output rows on ``pool`` (step 4); returns per-position
-    PSNR on the pool before and after."""
-    x, _, h, y = run_tokens(model, pool)
-    before = position_psnr(x, y, model.patch_t)
-    _fit_rows(model, h, x[:, _frame_width(model) :], ridge)
-    x, _, _, y = run_tokens(model, pool)
-    return {"tokens": len(x), "rows_before": before, "rows_after": position_psnr(x, y)}
+    rows = h @ layer.weight[w:].float().T
+    if layer.bias is not None:
+        rows += layer.bias[w:].float()
+    after = torch.cat([y[:, :w], rows], 1)
+    return {
+        "tokens": len(x),
+        "rows_before": position_psnr(x, y, model.patch_t),
+        "rows_after": position_psnr(x, after, model.patch_t),
+    }
 
 
 def design_frame_code(
@@ -122,7 +124,7 @@ def design_frame_code(
     """Steps 1-4 on ``model`` in place (float32 weights; frame-0 weights untouched). Returns
     what was measured on the pool at each step."""
     t0 = time.time()
-    w = _frame_width(model)
+    w = frame_width(model)
     w_in = model.encoder.input_layer.weight
     with torch.no_grad():
         w_in[:, w:] = 0

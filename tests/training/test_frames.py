@@ -41,7 +41,7 @@ def stuttering():
     """atoken-tiny made to stutter the way it used to: frames 1-3 of a token neither read by the
     encoder nor decoded on their own (the decoder repeats frame 0)."""
     model = atoken.load_pretrained("atoken-tiny").float()
-    w = model.config.in_channels // model.patch_t
+    w = frames.frame_width(model)
     with torch.no_grad():
         model.encoder.input_layer.weight[:, w:] = 0
         out = model.decoder.out_layer.weight
@@ -51,7 +51,7 @@ def stuttering():
 
 def test_design_reconstructs_every_frame_and_leaves_images_alone(stuttering):
     model = stuttering
-    w = model.config.in_channels // model.patch_t
+    w = frames.frame_width(model)
     photo, unseen = data.skimage_photos(["astronaut", "chelsea"])
     pool = frames.clip_tokens(world_clips("train", 40, 1) + pans(photo, 24, 2))
     held = frames.clip_tokens(world_clips("held_out", 8, 3) + pans(unseen, 6, 9))
@@ -76,9 +76,9 @@ def test_design_reconstructs_every_frame_and_leaves_images_alone(stuttering):
     assert np.mean(after[1:]) > np.mean(before[1:]) + 1.0, (before, after)
 
 
-def test_fit_frame_rows_only_touches_frames_1_to_3(stuttering):
+def test_fit_frame_rows_only_touches_frames_1_to_3():
     model = atoken.load_pretrained("atoken-tiny-d").float()
-    w = model.config.in_channels // model.patch_t
+    w = frames.frame_width(model)
     pool = frames.clip_tokens(world_clips("train", 12, 4))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     report = frames.fit_frame_rows(model, pool)
