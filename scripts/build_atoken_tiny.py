@@ -1,20 +1,22 @@
 """Rebuild the bundled atoken-tiny checkpoints from scratch, then measure them.
 
-    python scripts/build_atoken_tiny.py                  # 6 stages + export + evaluation
+    python scripts/build_atoken_tiny.py                  # 8 stages + the frames step + export + evaluation
     python scripts/build_atoken_tiny.py --resume         # skip stages that already finished
     python scripts/build_atoken_tiny.py --eval-only      # measure the files in assets/
     python scripts/build_atoken_tiny.py --frames-from-assets  # redo only the frames step on assets/
+    python scripts/build_atoken_tiny.py --polish-d-from-assets  # stage 4e on assets/atoken-tiny-d
     python scripts/build_atoken_tiny.py --steps-scale 0.02 --out /tmp/tiny  # smoke run
 
 Stages (configs/train/atoken_tiny_s*.yaml): 1 images, 2 + video, 3 + 3D, 3b reconstruction
-polish of proj + decoder (encoder frozen), then from 3b: 4 FSQ with the same frozen encoder, and
-3c a longer MSE polish of proj + decoder, then 3e a perceptual polish of proj + decoder (MSE +
-EfficientNet-Lite0 feature distance, still with the frozen encoder). Then the frames step
+polish of proj + decoder (encoder frozen), then from 3b: 4 FSQ with the same frozen encoder and
+4e its perceptual polish (MSE + EfficientNet-Lite0 feature distance), and 3c a longer MSE polish
+of proj + decoder, then 3e the same perceptual polish of proj + decoder (still with the frozen
+encoder). Then the frames step
 (`atoken.training.frames`, no gradient training): the encoder's input columns and the decoders'
 output rows for frames 1-3 of a video token are fitted by least squares on training clips
 (`frame_clips`), so that videos reconstruct every frame of a temporal patch and not only the
 first; every frame-0 weight, hence every image and 3D encoding, stays as it was. Stage 3e + frames
-becomes ``assets/atoken-tiny.safetensors`` and stage 4 + frames
+becomes ``assets/atoken-tiny.safetensors`` and stage 4e + frames
 ``assets/atoken-tiny-d.safetensors`` (proj + decoder only; its encoder is atoken-tiny's), both
 float16 with the config in the metadata. Training data: scikit-image's astronaut, rocket,
 hubble_deep_field and retina, ``assets/video/bigbuckbunny_512x288.mp4``, ``assets/meshes``, the
@@ -55,6 +57,7 @@ STAGES = {
     "s3_3d": "s2_video",
     "s3b_polish": "s3_3d",
     "s4_fsq": "s3b_polish",
+    "s4e_perceptual": "s4_fsq",
     "s3c_mse": "s3b_polish",
     "s3e_perceptual": "s3c_mse",
 }
@@ -114,43 +117,59 @@ def prepare_photos(folder: Path, long_side: int = 640) -> Path:
     return folder
 
 
+def run_stage(
+    out: Path, stage: str, init_from: Path | None, scale: float = 1.0, resume=None
+) -> float:
+    """Train one stage into ``out``/``stage`` from ``init_from``; returns its seconds."""
+    folder = out / stage
+    yaml = ROOT / "configs" / "train" / f"atoken_tiny_{stage}.yaml"
+    over = {"output_dir": str(folder)}
+    cfg = training.load_train_config(yaml)
+    over["steps"] = max(2, round(cfg.steps * scale))
+    over["warmup_steps"] = min(cfg.warmup_steps, over["steps"] // 2)
+    over["save_every"] = 0 if scale < 1 else cfg.save_every
+    if init_from is not None:
+        over["init_from"] = str(init_from)
+    for src in cfg.data.get("sources", []):
+        if "cache_dir" in src:
+            src["cache_dir"] = str(out / "voxels")
+        if src.get("type") in ("video_folder", "voxel_folder"):
+            src["path"] = str(ROOT / src["path"])
+        if src.get("type") == "image_folder":  # the perceptual stages' photos
+            src["path"] = str(prepare_photos(out / "photos"))
+    over["data"] = cfg.data
+    print(f"[build] {stage}: {over['steps']} steps -> {folder}", flush=True)
+    result = training.train_from_config(yaml, **over, resume=resume)
+    print(
+        f"[build] {stage}: {result.seconds / 60:.1f} min, loss {result.first_loss:.4f} "
+        f"-> {result.last_loss:.4f}",
+        flush=True,
+    )
+    return result.seconds
+
+
 def run_stages(out: Path, scale: float, resume: bool) -> dict[str, float]:
     """Train the stages in order, each from its parent; returns seconds per stage."""
     times_path = out / "times.json"
     times = json.loads(times_path.read_text()) if times_path.is_file() else {}
     for stage, parent in STAGES.items():
-        folder = out / stage
-        yaml = ROOT / "configs" / "train" / f"atoken_tiny_{stage}.yaml"
-        done = folder / "model.safetensors"
-        over = {"output_dir": str(folder)}
-        cfg = training.load_train_config(yaml)
-        over["steps"] = max(2, round(cfg.steps * scale))
-        over["warmup_steps"] = min(cfg.warmup_steps, over["steps"] // 2)
-        over["save_every"] = 0 if scale < 1 else cfg.save_every
-        if parent is not None:
-            over["init_from"] = str(out / parent / "model.safetensors")
-        for src in cfg.data.get("sources", []):
-            if "cache_dir" in src:
-                src["cache_dir"] = str(out / "voxels")
-            if src.get("type") in ("video_folder", "voxel_folder"):
-                src["path"] = str(ROOT / src["path"])
-            if src.get("type") == "image_folder":  # stage 3e's photos
-                src["path"] = str(prepare_photos(out / "photos"))
-        over["data"] = cfg.data
-        if resume and done.is_file() and stage in times:
+        if resume and (out / stage / "model.safetensors").is_file() and stage in times:
             print(f"[build] {stage}: already trained, skipping", flush=True)
-        else:
-            print(f"[build] {stage}: {over['steps']} steps -> {folder}", flush=True)
-            result = training.train_from_config(yaml, **over, resume=bool(resume) or None)
-            times[stage] = result.seconds
-            times_path.parent.mkdir(parents=True, exist_ok=True)
-            times_path.write_text(json.dumps(times, indent=1))
-            print(
-                f"[build] {stage}: {result.seconds / 60:.1f} min, loss {result.first_loss:.4f} "
-                f"-> {result.last_loss:.4f}",
-                flush=True,
-            )
+            continue
+        init = None if parent is None else out / parent / "model.safetensors"
+        times[stage] = run_stage(out, stage, init, scale, bool(resume) or None)
+        times_path.parent.mkdir(parents=True, exist_ok=True)
+        times_path.write_text(json.dumps(times, indent=1))
     return times
+
+
+def bundled_minutes(path: Path) -> dict[str, float]:
+    """The stage times (seconds) recorded in a bundled file's metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return {k: v * 60 for k, v in json.loads(meta.get("stage_minutes", "{}")).items()}
 
 
 def frame_clips(out: Path, count: int = 300, seed: int = 123) -> list[np.ndarray]:
@@ -202,15 +221,20 @@ def frame_clips(out: Path, count: int = 300, seed: int = 123) -> list[np.ndarray
     return clips
 
 
-def frames_step(out: Path, cont_src: Path, disc_src: Path) -> tuple[Path, Path]:
-    """The frames step on both models -> ``out``/s3f_frames and ``out``/s4f_frames (float32)."""
+def frames_step(
+    out: Path, cont_src: Path, disc_src: Path, design: bool = True
+) -> tuple[Path, Path]:
+    """The frames step on both models -> ``out``/s3f_frames and ``out``/s4f_frames (float32).
+
+    ``design=False``: ``cont_src`` already went through it (its frames 1-3 encoder columns are
+    kept); only the FSQ model's frames 1-3 output rows are fitted, for a decoder trained since."""
     from atoken.training import frames
 
     torch.set_num_threads(2)
     t0 = time.time()
     cont, disc = training.load_trained(cont_src), training.load_trained(disc_src)
     pool = frames.clip_tokens(frame_clips(out))
-    report = {"continuous": frames.design_frame_code(cont, pool)}
+    report = {"continuous": frames.design_frame_code(cont, pool) if design else "kept"}
     w = frames.frame_width(cont)
     with torch.no_grad():  # the FSQ model shares the encoder; only its own rows are fitted
         disc.encoder.input_layer.weight[:, w:] = cont.encoder.input_layer.weight[:, w:]
@@ -220,7 +244,7 @@ def frames_step(out: Path, cont_src: Path, disc_src: Path) -> tuple[Path, Path]:
     paths = []
     for name, model in (("s3f_frames", cont), ("s4f_frames", disc)):
         paths.append(training.save_model(model, out / name / "model.safetensors"))
-    (out / "frames.json").write_text(json.dumps(report, indent=1))
+    (out / ("frames.json" if design else "frames_d.json")).write_text(json.dumps(report, indent=1))
     torch.set_num_threads(1)
     return paths[0], paths[1]
 
@@ -408,6 +432,11 @@ def main() -> None:
         action="store_true",
         help="only the frames step, on the bundled files (float16 -> float32), then export",
     )
+    ap.add_argument(
+        "--polish-d-from-assets",
+        action="store_true",
+        help="only stage 4e from the bundled atoken-tiny-d, then its frames 1-3 rows, then export",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -416,14 +445,21 @@ def main() -> None:
     if args.eval_only:
         cont, disc = bundled
     elif args.frames_from_assets:
-        from safetensors import safe_open
-
-        with safe_open(str(bundled[0]), "pt") as f:
-            meta = f.metadata() or {}
-        times = {k: v * 60 for k, v in json.loads(meta.get("stage_minutes", "{}")).items()}
+        times = bundled_minutes(bundled[0])
         t1 = time.time()
         cont, disc = frames_step(args.out, *bundled)
         times["frames"] = time.time() - t1
+        cont, disc = export(args.out, times, cont, disc)
+    elif args.polish_d_from_assets:
+        times = bundled_minutes(bundled[0])
+        start = args.out / "s4f_bundled" / "model.safetensors"  # float32, encoder merged
+        training.save_model(training.load_trained(bundled[1]), start)
+        times["s4e_perceptual"] = run_stage(args.out, "s4e_perceptual", start)
+        t1 = time.time()
+        cont, disc = frames_step(
+            args.out, bundled[0], args.out / "s4e_perceptual" / "model.safetensors", design=False
+        )
+        times["frames_d"] = time.time() - t1
         cont, disc = export(args.out, times, cont, disc)
     else:
         times = run_stages(args.out, args.steps_scale, args.resume)
@@ -431,7 +467,7 @@ def main() -> None:
         cont, disc = frames_step(
             args.out,
             args.out / "s3e_perceptual" / "model.safetensors",
-            args.out / "s4_fsq" / "model.safetensors",
+            args.out / "s4e_perceptual" / "model.safetensors",
         )
         times["frames"] = time.time() - t1
         if not args.no_export:

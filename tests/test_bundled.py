@@ -83,6 +83,12 @@ def test_build_script_stages_chain_to_existing_configs():
     for stage in ("s3c_mse", "s4_fsq"):
         cfg = training.load_train_config(root / "configs/train" / f"atoken_tiny_{stage}.yaml")
         assert cfg.freeze_encoder and mod.STAGES[stage] == "s3b_polish"
+    # both are polished with the EfficientNet-Lite0 feature distance before the frames step
+    for stage, parent in (("s3e_perceptual", "s3c_mse"), ("s4e_perceptual", "s4_fsq")):
+        cfg = training.load_train_config(root / "configs/train" / f"atoken_tiny_{stage}.yaml")
+        assert cfg.freeze_encoder and mod.STAGES[stage] == parent
+        assert cfg.loss["image"]["lpips"] > 0
+        assert cfg.loss["image"]["feature_net"]["layout"] == "effnet-lite0"
 
 
 def test_videos_reconstruct_every_frame_of_a_temporal_patch(tiny):
