@@ -454,7 +454,7 @@ def main() -> None:
         times = bundled_minutes(bundled[0])
         start = args.out / "s4f_bundled" / "model.safetensors"  # float32, encoder merged
         training.save_model(training.load_trained(bundled[1]), start)
-        times["s4e_perceptual"] = run_stage(args.out, "s4e_perceptual", start)
+        times["s4e_perceptual"] = run_stage(args.out, "s4e_perceptual", start, args.steps_scale)
         t1 = time.time()
         cont, disc = frames_step(
             args.out, bundled[0], args.out / "s4e_perceptual" / "model.safetensors", design=False
