@@ -241,12 +241,13 @@ def frames_step(
     report["fsq"] = frames.fit_frame_rows(disc, pool)
     report["seconds"] = round(time.time() - t0, 1)
     print(f"[build] frames step: {json.dumps(report)}", flush=True)
-    paths = []
-    for name, model in (("s3f_frames", cont), ("s4f_frames", disc)):
-        paths.append(training.save_model(model, out / name / "model.safetensors"))
+    disc_path = training.save_model(disc, out / "s4f_frames" / "model.safetensors")
+    cont_path = (  # unchanged without the design: no second copy
+        training.save_model(cont, out / "s3f_frames" / "model.safetensors") if design else cont_src
+    )
     (out / ("frames.json" if design else "frames_d.json")).write_text(json.dumps(report, indent=1))
     torch.set_num_threads(1)
-    return paths[0], paths[1]
+    return cont_path, disc_path
 
 
 def export(out: Path, times: dict[str, float], cont_src: Path, disc_src: Path) -> tuple[Path, Path]:

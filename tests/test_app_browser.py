@@ -198,13 +198,6 @@ def test_codec_panel_after_a_reconstruction(page):
     shot(page, "codec_panel", "#codec-panel")
 
 
-# occurrences of the string t on the page, less those in screen-reader-only elements
-COUNT_JS = (
-    "(document.body.innerText.split(t).length - 1 - [...document.querySelectorAll('.sr-only')]"
-    ".reduce((n, e) => n + e.textContent.split(t).length - 1, 0))"
-)
-
-
 # toasts shown so far on the page (a MutationObserver counts them, installed on first use)
 TOASTS_JS = """() => {
   if (window.__toasts === undefined) {
@@ -224,7 +217,11 @@ def count_text(page, text: str) -> int:
     Gradio's screen-reader live region (``.sr-only``, off screen) repeats a validation message
     for a second, up to 5 s late (it announces at most once per 5 s): that is not on the page
     a visitor sees, so it is not counted."""
-    return page.evaluate(f"t => {COUNT_JS}", text)
+    return page.evaluate(
+        "t => document.body.innerText.split(t).length - 1 - [...document.querySelectorAll("
+        "'.sr-only')].reduce((n, e) => n + e.textContent.split(t).length - 1, 0)",
+        text,
+    )
 
 
 def where_text(page, text: str) -> list[str]:

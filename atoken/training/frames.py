@@ -79,14 +79,18 @@ def position_psnr(x: Tensor, y: Tensor, frames: int = 4) -> list[float]:
     return out
 
 
+def _ridge_gram(a: Tensor, ridge: float) -> Tensor:
+    """``a^T a + ridge * mean(diag) I`` (``a`` float64)."""
+    g = a.T @ a
+    return g + ridge * g.diagonal().mean() * torch.eye(len(g), dtype=g.dtype)
+
+
 def _least_squares(a: Tensor, b: Tensor, ridge: float, intercept: bool) -> Tensor:
     """argmin_w |[a, 1] w - b|^2 + ridge * mean(diag) |w|^2 in float64 -> ``[(in (+1)), out]``."""
     a = a.double()
     if intercept:
         a = torch.cat([a, a.new_ones(len(a), 1)], 1)
-    g = a.T @ a
-    g += ridge * g.diagonal().mean() * torch.eye(len(g), dtype=g.dtype)
-    return torch.linalg.solve(g, a.T @ b.double())
+    return torch.linalg.solve(_ridge_gram(a, ridge), a.T @ b.double())
 
 
 def fit_frame_rows(model, pool: Sequence[SparseTensor], ridge: float = 1e-5) -> dict:
@@ -140,9 +144,7 @@ def design_frame_code(
     )
     # 2. alternating least squares for Er (frames 1-3 -> latent) and V (latent -> frames 1-3)
     xd, xrd = x.double(), xr.double()
-    gram = xrd.T @ xrd
-    gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
-    chol = torch.linalg.cholesky(gram)
+    chol = torch.linalg.cholesky(_ridge_gram(xrd, ridge))
     ones = torch.ones(len(x), 1, dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
     er = 0.01 * torch.randn(xr.shape[1], z.shape[1], generator=gen, dtype=torch.float64)
